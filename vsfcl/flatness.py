@@ -6,9 +6,9 @@ The flatness along a unit direction ``p_i`` is ``F_i = theta_r - theta_l``, wher
 of ``w_0``, with ``L_0 = L(w_0)`` and ``level_factor = e`` (Feng and Tu, PNAS 118,
 e2015617118, 2021).
 
-The crossings are found by bracketing and bisection. Each side starts at an initial
-step and grows it geometrically until the profile reaches the level, then bisects the
-last bracket. A side that never reaches the level within ``max_offset`` is censored:
+The crossings are found by bracketing and refinement. Each side starts at an initial
+step and grows it geometrically until the profile reaches the level, then narrows the
+last bracket by safeguarded regula falsi. A side that never reaches the level within ``max_offset`` is censored:
 its offset is NaN and the direction's flatness is NaN.
 """
 
@@ -92,9 +92,11 @@ def find_flatness(
     growth : float
         Factor by which the step grows while no crossing is found.
     rtol : float
-        Bisection stops when the bracket is narrower than ``rtol`` times its upper end.
+        Refinement stops when the bracket is narrower than ``rtol`` times its upper
+        end, or when the loss at the newest point is within ``rtol (level - loss0)``
+        of the level.
     max_bisections : int
-        Upper bound on bisection steps per side.
+        Upper bound on refinement steps per side.
 
     Returns
     -------
@@ -124,6 +126,8 @@ def find_flatness(
     sign = torch.tensor([-1.0, 1.0], dtype=torch.float64).repeat(n_directions)
     below = torch.zeros(2 * n_directions, dtype=torch.float64)  # largest offset under the level
     above = step.repeat_interleave(2)  # candidate offset at or over the level
+    loss_below = torch.full_like(below, float(loss0))
+    loss_above = torch.full_like(below, math.inf)
     bracketed = torch.zeros(2 * n_directions, dtype=torch.bool)
     censored = torch.zeros(2 * n_directions, dtype=torch.bool)
     n_evaluations = 0
@@ -141,25 +145,45 @@ def find_flatness(
         active = torch.nonzero(~bracketed & ~censored).flatten()
         if active.numel() == 0:
             break
-        reached = losses_at(active, above[active]) >= level
+        values = losses_at(active, above[active])
+        reached = values >= level
         bracketed[active[reached]] = True
+        loss_above[active[reached]] = values[reached]
         missed = active[~reached]
         at_limit = above[missed] >= max_offset
         censored[missed[at_limit]] = True
         growing = missed[~at_limit]
         below[growing] = above[growing]
+        loss_below[growing] = values[~reached][~at_limit]
         above[growing] = (above[growing] * growth).clamp(max=max_offset)
 
-    # Bisection inside each bracket [below, above].
-    for _ in range(max_bisections):
+    # Refinement inside each bracket [below, above] by the Illinois variant of regula
+    # falsi in the variable theta^2, where a quadratic profile is linear, so a nearly
+    # quadratic profile converges in a few steps. Every third step bisects, which
+    # bounds the work on profiles far from quadratic.
+    for iteration in range(max_bisections):
         width = above - below
         active = torch.nonzero(bracketed & (width > rtol * above)).flatten()
         if active.numel() == 0:
             break
-        middle = 0.5 * (below[active] + above[active])
-        reached = losses_at(active, middle) >= level
-        above[active[reached]] = middle[reached]
-        below[active[~reached]] = middle[~reached]
+        lower, upper = below[active].pow(2), above[active].pow(2)
+        gap_lower = loss_below[active] - level  # < 0
+        gap_upper = loss_above[active] - level  # >= 0
+        fraction = -gap_lower / (gap_upper - gap_lower)
+        fraction = torch.nan_to_num(fraction, nan=0.5).clamp(0.05, 0.95)
+        if iteration % 3 == 2:
+            candidate = 0.5 * (below[active] + above[active])
+        else:
+            candidate = (lower + fraction * (upper - lower)).sqrt()
+        values = losses_at(active, candidate)
+        reached = values >= level
+        hit, miss = active[reached], active[~reached]
+        above[hit], loss_above[hit] = candidate[reached], values[reached]
+        below[miss], loss_below[miss] = candidate[~reached], values[~reached]
+        # Close the bracket once the loss at the new point is within rtol of the level.
+        close = (values - level).abs() <= rtol * (level - float(loss0))
+        below[active[close]] = candidate[close]
+        above[active[close]] = candidate[close]
 
     # The crossing estimate is the bracket's midpoint.
     crossing = torch.where(bracketed, 0.5 * (below + above), torch.full_like(above, math.nan))

@@ -1,0 +1,403 @@
+"""The flatness-aware regularizer as an Avalanche plugin.
+
+:class:`FlatnessPlugin` works inside any Avalanche strategy built on
+``SupervisedTemplate`` (Naive, Replay, LwF, ...). While the strategy trains on an
+experience, the plugin records snapshots of the regularized parameters over the last
+part of training. After the experience it runs PCA on the snapshots, keeps the top-K
+principal directions (the sharp ones, by the inverse variance-flatness relation),
+gives each a stiffness and anchors them at the final weights. On later experiences it
+adds ``(lambda/2) sum_i k_i (p_i . (w - w*))^2`` to the loss, accumulated over all past
+experiences. See :mod:`vsfcl.regularizer` for the derivation.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Literal, Sequence
+
+import torch
+from avalanche.core import SupervisedPlugin
+from avalanche.models.utils import avalanche_forward
+from torch import Tensor, nn
+
+from vsfcl.flatness import curvature_from_flatness, find_flatness
+from vsfcl.pca import trajectory_pca
+from vsfcl.regularizer import SharpSubspace, SubspacePenalty, stiffness_from_variance
+
+log = logging.getLogger(__name__)
+
+StiffnessSource = Literal["flatness", "variance", "hessian"]
+_STIFFNESS_SOURCES = ("flatness", "variance", "hessian")
+
+
+@dataclass
+class Consolidation:
+    """What the plugin measured after one experience."""
+
+    experience: int
+    n_snapshots: int
+    n_directions: int
+    variances: list[float]
+    stiffness: list[float]
+    flatness: list[float | None] = field(default_factory=list)
+    n_censored: int = 0
+    n_loss_evaluations: int = 0
+    loss0: float | None = None
+    seconds: float = 0.0
+
+
+def select_parameters(model: nn.Module, patterns: Sequence[str] | None) -> list[tuple[str, nn.Parameter]]:
+    """Return the named parameters whose names match any of the ``fnmatch`` patterns.
+
+    ``None`` selects every parameter. A pattern that matches nothing raises, so that a
+    typo does not silently regularize nothing.
+    """
+    named = list(model.named_parameters())
+    if patterns is None:
+        return named
+    selected = [(n, p) for n, p in named if any(fnmatch.fnmatchcase(n, pat) for pat in patterns)]
+    for pattern in patterns:
+        if not any(fnmatch.fnmatchcase(n, pattern) for n, _ in named):
+            raise ValueError(
+                f"parameter pattern {pattern!r} matches no parameter of the model; "
+                f"available names: {[n for n, _ in named]}"
+            )
+    return selected
+
+
+def flatten(parameters: Sequence[Tensor]) -> Tensor:
+    """Concatenate parameters into one vector of shape (n_params,), keeping the graph."""
+    return torch.cat([p.reshape(-1) for p in parameters])
+
+
+@torch.no_grad()
+def assign(parameters: Sequence[Tensor], weights: Tensor) -> None:
+    """Copy a flat vector into the parameters in place.
+
+    Unlike ``torch.nn.utils.vector_to_parameters``, this never makes a parameter a view
+    of ``weights``, so later training cannot modify a stored anchor.
+    """
+    start = 0
+    for parameter in parameters:
+        stop = start + parameter.numel()
+        parameter.copy_(weights[start:stop].view_as(parameter))
+        start = stop
+
+
+class FlatnessPlugin(SupervisedPlugin):
+    """Penalize motion along the sharp principal directions of past experiences.
+
+    Parameters
+    ----------
+    strength : float
+        ``lambda``, the overall weight of the penalty; non-negative. With
+        ``stiffness="flatness"``, 1 means the quadratic model of the old loss itself.
+    n_directions : int
+        ``K``, the principal directions kept per experience; must be smaller than
+        ``n_snapshots`` because ``n`` centred snapshots span at most ``n - 1``
+        directions.
+    stiffness : {"flatness", "variance", "hessian"}
+        Source of ``k_i``: ``8 (e - 1) L_0 / F_i^2`` from loss profiles, the variance
+        alone through ``sigma^2 ~ F^-psi``, or the Hessian curvature ``p^T H p``.
+    n_snapshots : int
+        Snapshots recorded per experience, evenly spaced over the window.
+    window_fraction : float
+        Fraction of an experience's training iterations, counted from the end, over
+        which snapshots are taken; in (0, 1].
+    parameters : sequence of str, optional
+        ``fnmatch`` patterns of the parameter names to regularize; all by default.
+    psi : float
+        Exponent of ``sigma^2 ~ F^-psi`` used by ``stiffness="variance"``.
+    profile_samples : int
+        Training samples of the experience on which ``L_0`` and the loss profiles (or
+        the Hessian) are evaluated.
+    profile_max_offset : float
+        Largest offset along a direction searched for the ``e L_0`` crossing, in weight
+        units. A direction whose loss stays below ``e L_0`` up to this offset is
+        censored and gets the stiffness of flatness ``2 * profile_max_offset``.
+    profile_rtol : float
+        Relative precision of the located crossings.
+    """
+
+    def __init__(
+        self,
+        strength: float = 1.0,
+        n_directions: int = 20,
+        stiffness: StiffnessSource = "flatness",
+        n_snapshots: int = 40,
+        window_fraction: float = 0.5,
+        parameters: Sequence[str] | None = None,
+        psi: float = 4.0,
+        profile_samples: int = 512,
+        profile_max_offset: float = 50.0,
+        profile_rtol: float = 1e-2,
+    ) -> None:
+        super().__init__()
+        if not isinstance(strength, (int, float)) or not math.isfinite(strength) or strength < 0:
+            raise ValueError(
+                f"strength (lambda)={strength!r} is invalid; it must be a finite number >= 0"
+            )
+        if stiffness not in _STIFFNESS_SOURCES:
+            raise ValueError(f"stiffness={stiffness!r} is invalid; use one of {_STIFFNESS_SOURCES}")
+        if n_snapshots < 2:
+            raise ValueError(f"n_snapshots={n_snapshots} must be at least 2 for PCA")
+        if not 1 <= n_directions < n_snapshots:
+            raise ValueError(
+                f"n_directions={n_directions} is out of range: K must be between 1 and "
+                f"n_snapshots - 1 = {n_snapshots - 1}, because {n_snapshots} centred "
+                "snapshots span at most that many directions; lower K or raise n_snapshots"
+            )
+        if not 0.0 < window_fraction <= 1.0:
+            raise ValueError(
+                f"window_fraction={window_fraction} is out of range; it must be in (0, 1], "
+                "the fraction of an experience's iterations (from the end) used for snapshots"
+            )
+        if psi <= 0:
+            raise ValueError(f"psi={psi} must be positive")
+        if profile_samples < 1:
+            raise ValueError(f"profile_samples={profile_samples} must be at least 1")
+        if profile_max_offset <= 0:
+            raise ValueError(f"profile_max_offset={profile_max_offset} must be positive")
+
+        self.strength = float(strength)
+        self.n_directions = n_directions
+        self.stiffness_source: StiffnessSource = stiffness
+        self.n_snapshots = n_snapshots
+        self.window_fraction = window_fraction
+        self.parameter_patterns = None if parameters is None else list(parameters)
+        self.psi = psi
+        self.profile_samples = profile_samples
+        self.profile_max_offset = profile_max_offset
+        self.profile_rtol = profile_rtol
+
+        self.penalty = SubspacePenalty()
+        self.consolidations: list[Consolidation] = []
+        self.last_penalty = 0.0
+        self._names: list[str] | None = None
+        self._snapshots: list[Tensor] = []
+        self._iteration = 0
+        self._window_start = 0
+        self._interval = 1
+
+    # ------------------------------------------------------------------ hooks
+
+    def before_training_exp(self, strategy: Any, **kwargs: Any) -> None:
+        self._snapshots = []
+        self._iteration = 0
+        n_iterations = strategy.train_epochs * len(strategy.dataloader)
+        window = max(1, int(round(self.window_fraction * n_iterations)))
+        if window < self.n_snapshots:
+            log.warning(
+                "snapshot window of %d iterations is shorter than n_snapshots=%d; "
+                "recording one snapshot per iteration",
+                window,
+                self.n_snapshots,
+            )
+        self._window_start = n_iterations - window
+        self._interval = max(1, window // self.n_snapshots)
+        self.penalty.to(strategy.device)
+
+    def before_backward(self, strategy: Any, **kwargs: Any) -> None:
+        if self.penalty.n_rows == 0 or self.strength == 0.0:
+            self.last_penalty = 0.0
+            return
+        weights = flatten([p for _, p in self._parameters(strategy.model)])
+        penalty = self.strength * self.penalty(weights)
+        self.last_penalty = float(penalty.detach())
+        strategy.loss = strategy.loss + penalty
+
+    def after_training_iteration(self, strategy: Any, **kwargs: Any) -> None:
+        offset = self._iteration - self._window_start
+        self._iteration += 1
+        if offset < 0 or offset % self._interval != 0 or len(self._snapshots) >= self.n_snapshots:
+            return
+        with torch.no_grad():
+            weights = flatten([p for _, p in self._parameters(strategy.model)])
+            self._snapshots.append(weights.detach().to("cpu", torch.float32, copy=True))
+
+    def after_training_exp(self, strategy: Any, **kwargs: Any) -> None:
+        start = time.perf_counter()
+        experience = int(strategy.experience.current_experience)
+        if len(self._snapshots) < 2:
+            log.warning(
+                "experience %d: only %d snapshot(s) recorded, so no directions are kept; "
+                "train longer or raise window_fraction",
+                experience,
+                len(self._snapshots),
+            )
+            return
+        consolidation = self._consolidate(strategy, experience)
+        consolidation.seconds = time.perf_counter() - start
+        self.consolidations.append(consolidation)
+        self._snapshots = []
+        log.info(
+            "experience %d: kept %d directions, stiffness %.3g..%.3g, %d censored, %.2f s",
+            experience,
+            consolidation.n_directions,
+            min(consolidation.stiffness),
+            max(consolidation.stiffness),
+            consolidation.n_censored,
+            consolidation.seconds,
+        )
+
+    # ------------------------------------------------------------ consolidation
+
+    def _parameters(self, model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+        selected = select_parameters(model, self.parameter_patterns)
+        names = [n for n, _ in selected]
+        if self._names is None:
+            self._names = names
+        elif names != self._names:
+            raise RuntimeError(
+                "the regularized parameters changed between experiences "
+                f"({self._names} before, {names} now); use a model with a fixed parameter set"
+            )
+        return selected
+
+    def _consolidate(self, strategy: Any, experience: int) -> Consolidation:
+        snapshots = torch.stack(self._snapshots)  # (n_snapshots, n_params)
+        n_directions = min(self.n_directions, snapshots.shape[0] - 1)
+        if n_directions < self.n_directions:
+            log.warning(
+                "experience %d: %d snapshots allow only %d of the requested %d directions",
+                experience,
+                snapshots.shape[0],
+                n_directions,
+                self.n_directions,
+            )
+        pca = trajectory_pca(snapshots, n_directions)
+        device = strategy.device
+        directions = pca.directions.to(device)
+        variances = pca.variances.to(device)
+        parameters = [p for _, p in self._parameters(strategy.model)]
+        anchor = flatten(parameters).detach().clone()
+
+        consolidation = Consolidation(
+            experience=experience,
+            n_snapshots=int(snapshots.shape[0]),
+            n_directions=n_directions,
+            variances=pca.variances.tolist(),
+            stiffness=[],
+        )
+        if self.stiffness_source == "variance":
+            stiffness = stiffness_from_variance(variances, self.psi)
+        else:
+            inputs, targets, tasks = self._profile_batch(strategy)
+            if self.stiffness_source == "flatness":
+                stiffness = self._stiffness_from_flatness(
+                    strategy, parameters, anchor, directions, variances, (inputs, targets, tasks), consolidation
+                )
+            else:
+                stiffness = self._stiffness_from_hessian(
+                    strategy, parameters, directions, (inputs, targets, tasks)
+                )
+
+        consolidation.stiffness = stiffness.tolist()
+        self.penalty.add(
+            SharpSubspace(anchor=anchor, directions=directions, stiffness=stiffness, experience=experience)
+        )
+        return consolidation
+
+    def _profile_batch(self, strategy: Any) -> tuple[Tensor, Tensor, Tensor]:
+        """Collect up to ``profile_samples`` training samples of the current experience."""
+        xs, ys, ts, count = [], [], [], 0
+        for batch in strategy.dataloader:
+            x, y, t = batch[0], batch[1], batch[-1]
+            xs.append(x.to(strategy.device))
+            ys.append(y.to(strategy.device))
+            ts.append(t.to(strategy.device))
+            count += int(y.shape[0])
+            if count >= self.profile_samples:
+                break
+        n = self.profile_samples
+        return torch.cat(xs)[:n], torch.cat(ys)[:n], torch.cat(ts)[:n]
+
+    @torch.no_grad()
+    def _stiffness_from_flatness(
+        self,
+        strategy: Any,
+        parameters: list[nn.Parameter],
+        anchor: Tensor,
+        directions: Tensor,
+        variances: Tensor,
+        batch: tuple[Tensor, Tensor, Tensor],
+        consolidation: Consolidation,
+    ) -> Tensor:
+        model = strategy.model
+        inputs, targets, tasks = batch
+        was_training = model.training
+        model.eval()
+
+        def loss_at(weights: Tensor) -> float:
+            assign(parameters, weights)
+            output = avalanche_forward(model, inputs, tasks)
+            return float(strategy._criterion(output, targets))
+
+        def loss_along(direction_index: Tensor, offsets: Tensor) -> Tensor:
+            values = [
+                loss_at(anchor + float(o) * directions[int(i)])
+                for i, o in zip(direction_index.tolist(), offsets.tolist())
+            ]
+            return torch.tensor(values, dtype=torch.float64)
+
+        try:
+            loss0 = loss_at(anchor)
+            if loss0 <= 0.0 or not math.isfinite(loss0):
+                raise ValueError(
+                    f"the training loss at the end of experience {consolidation.experience} "
+                    f"is L_0={loss0!r}, so the e*L_0 flatness level is undefined; use "
+                    "stiffness='variance' or evaluate on more samples (profile_samples)"
+                )
+            result = find_flatness(
+                loss_along,
+                n_directions=directions.shape[0],
+                loss0=loss0,
+                initial_step=(4.0 * variances.sqrt()).clamp_min(0.05).cpu(),
+                max_offset=self.profile_max_offset,
+                rtol=self.profile_rtol,
+            )
+        finally:
+            assign(parameters, anchor)
+            model.train(was_training)
+
+        # A censored direction is at least as flat as the searched range.
+        flatness = torch.where(
+            result.censored, torch.full_like(result.flatness, 2.0 * self.profile_max_offset), result.flatness
+        )
+        consolidation.loss0 = loss0
+        consolidation.n_censored = int(result.censored.sum())
+        consolidation.n_loss_evaluations = result.n_evaluations
+        consolidation.flatness = [
+            None if bool(c) else float(f) for f, c in zip(result.flatness, result.censored)
+        ]
+        return curvature_from_flatness(flatness, loss0).to(anchor.device, anchor.dtype)
+
+    def _stiffness_from_hessian(
+        self,
+        strategy: Any,
+        parameters: list[nn.Parameter],
+        directions: Tensor,
+        batch: tuple[Tensor, Tensor, Tensor],
+    ) -> Tensor:
+        model = strategy.model
+        inputs, targets, tasks = batch
+        was_training = model.training
+        model.eval()
+        try:
+            loss = strategy._criterion(avalanche_forward(model, inputs, tasks), targets)
+            gradient = flatten(torch.autograd.grad(loss, parameters, create_graph=True))
+            curvatures = []
+            for direction in directions:
+                hvp = torch.autograd.grad(gradient @ direction, parameters, retain_graph=True)
+                curvatures.append(flatten(hvp).detach() @ direction)
+        finally:
+            model.train(was_training)
+        curvature = torch.stack(curvatures)
+        negative = int((curvature < 0).sum())
+        if negative:
+            log.warning("%d directions have negative curvature; their stiffness is set to 0", negative)
+        return curvature.clamp_min(0.0)
