@@ -8,7 +8,7 @@ can be chosen by name: in a network with two hidden layers,
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 from avalanche.models import MultiTaskModule
@@ -105,6 +105,10 @@ class MultiHeadMLP(MultiTaskModule):
         width = int(hidden_sizes[-1]) if len(hidden_sizes) else input_size
         self.heads = nn.ModuleList(nn.Linear(width, n_classes) for _ in range(n_heads))
         self.max_class_label = n_classes
+
+    def adaptation(self, experience: Any) -> None:
+        # The heads are fixed, so adaptation only records the task labels seen.
+        self.known_train_tasks_labels |= set(getattr(experience, "task_labels", []))
 
     def forward(self, x: Tensor, task_labels: Tensor | int | None = None) -> Tensor:
         features = self.features(x.flatten(start_dim=1))

@@ -270,11 +270,11 @@ class FlatnessPlugin(SupervisedPlugin):
                 self.n_directions,
             )
         pca = trajectory_pca(snapshots, n_directions)
-        device = strategy.device
-        directions = pca.directions.to(device)
-        variances = pca.variances.to(device)
         parameters = [p for _, p in self._parameters(strategy.model)]
         anchor = flatten(parameters).detach().clone()
+        # Snapshots are stored in float32; the penalty works in the model's precision.
+        directions = pca.directions.to(anchor.device, anchor.dtype)
+        variances = pca.variances.to(anchor.device, anchor.dtype)
 
         consolidation = Consolidation(
             experience=experience,
