@@ -36,7 +36,7 @@ _STIFFNESS_SOURCES = ("flatness", "variance", "hessian")
 
 @dataclass
 class Consolidation:
-    """What the plugin measured after one experience."""
+    """Measurements taken by the plugin after one experience."""
 
     experience: int
     n_snapshots: int
@@ -121,6 +121,10 @@ class FlatnessPlugin(SupervisedPlugin):
         censored and gets the stiffness of flatness ``2 * profile_max_offset``.
     profile_rtol : float
         Relative precision of the located crossings.
+    profile_initial_step : float
+        First offset tried on each side of the anchor, in weight units; the search
+        doubles it until the loss reaches ``e L_0``, then refines the bracket. A value
+        near the expected half-flatness saves loss evaluations.
     """
 
     def __init__(
@@ -132,9 +136,10 @@ class FlatnessPlugin(SupervisedPlugin):
         window_fraction: float = 0.5,
         parameters: Sequence[str] | None = None,
         psi: float = 4.0,
-        profile_samples: int = 512,
+        profile_samples: int = 256,
         profile_max_offset: float = 50.0,
         profile_rtol: float = 1e-2,
+        profile_initial_step: float = 1.0,
     ) -> None:
         super().__init__()
         if not isinstance(strength, (int, float)) or not math.isfinite(strength) or strength < 0:
@@ -162,6 +167,11 @@ class FlatnessPlugin(SupervisedPlugin):
             raise ValueError(f"profile_samples={profile_samples} must be at least 1")
         if profile_max_offset <= 0:
             raise ValueError(f"profile_max_offset={profile_max_offset} must be positive")
+        if not 0 < profile_initial_step <= profile_max_offset:
+            raise ValueError(
+                f"profile_initial_step={profile_initial_step} is out of range; it must be "
+                f"in (0, profile_max_offset={profile_max_offset}]"
+            )
 
         self.strength = float(strength)
         self.n_directions = n_directions
@@ -173,6 +183,7 @@ class FlatnessPlugin(SupervisedPlugin):
         self.profile_samples = profile_samples
         self.profile_max_offset = profile_max_offset
         self.profile_rtol = profile_rtol
+        self.profile_initial_step = profile_initial_step
 
         self.penalty = SubspacePenalty()
         self.consolidations: list[Consolidation] = []
@@ -356,7 +367,7 @@ class FlatnessPlugin(SupervisedPlugin):
                 loss_along,
                 n_directions=directions.shape[0],
                 loss0=loss0,
-                initial_step=(4.0 * variances.sqrt()).clamp_min(0.05).cpu(),
+                initial_step=self.profile_initial_step,
                 max_offset=self.profile_max_offset,
                 rtol=self.profile_rtol,
             )

@@ -69,6 +69,7 @@ def build_method_plugin(name: str, options: Mapping[str, Any]) -> SupervisedPlug
         profile_samples=int(options["profile_samples"]),
         profile_max_offset=_number(options, "profile_max_offset"),
         profile_rtol=_number(options, "profile_rtol"),
+        profile_initial_step=_number(options, "profile_initial_step"),
     )
 
 
