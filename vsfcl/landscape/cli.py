@@ -84,7 +84,8 @@ def main(cfg: DictConfig) -> None:
         torch.set_num_threads(int(cfg.num_threads))
     make_optimizer = instantiate(cfg.optimizer)
     output_dir = Path(HydraConfig.get().runtime.output_dir)
-    log.info("Landscape run in %s with optimizer %s", output_dir, OmegaConf.to_yaml(cfg.optimizer, resolve=True).strip())
+    optimizer_yaml = OmegaConf.to_yaml(cfg.optimizer, resolve=True).strip()
+    log.info("Landscape run in %s with optimizer %s", output_dir, optimizer_yaml)
     run_landscape(settings, make_optimizer, output_dir)
 
 

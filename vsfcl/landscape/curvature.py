@@ -33,9 +33,9 @@ def hessian_quadratic_forms(
     Parameters
     ----------
     loss_terms : sequence of callables
-        Functions of a parameter vector of shape (n_params,) returning a scalar; the
-        loss is their sum (for example one term per data chunk), so the Hessian is
-        the sum of theirs and memory stays bounded by one term.
+        Functions of a parameter vector of shape (n_params,) that return a scalar. The
+        loss is their sum (for example one term per data chunk), so the Hessian is the
+        sum of theirs, and memory stays bounded by what one term needs.
     center : Tensor of shape (n_params,)
         Point ``w_0`` at which the Hessian is taken.
     directions : Tensor of shape (n_directions, n_params)

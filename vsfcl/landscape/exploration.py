@@ -1,8 +1,8 @@
 """Minibatch training into the exploration phase and through the snapshot window.
 
-Feng and Tu (PNAS 118, e2015617118, 2021) describe two phases of SGD on MNIST: a fast
-phase, then an exploration phase in which the training error is near zero while the
-loss keeps falling slowly and the test error still improves. The weight trajectory is
+Feng and Tu (PNAS 118, e2015617118, 2021) describe two phases of SGD on MNIST, a fast
+phase and then an exploration phase. In the exploration phase the training error is
+near zero, while the loss keeps falling slowly and the test error still improves. The weight trajectory is
 analysed over a window inside the exploration phase. Here the exploration phase is
 declared reached once the full training-set error falls to a threshold; that
 criterion is a choice of this package, configurable, and its outcome is reported.
@@ -177,7 +177,7 @@ def train_to_exploration(
     criterion: ExplorationCriterion,
     generator: torch.Generator,
 ) -> TrainingHistory:
-    """Train epoch by epoch until the exploration criterion holds or ``max_epochs`` pass."""
+    """Train epoch by epoch until the exploration criterion is met or ``max_epochs`` pass."""
     history = TrainingHistory()
     for epoch in range(1, criterion.max_epochs + 1):
         start = time.perf_counter()

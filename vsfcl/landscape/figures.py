@@ -42,7 +42,7 @@ def plot_variance_spectrum(variances: np.ndarray, fit: PowerLawFit | None, path:
     variances = np.asarray(variances, dtype=float)
     index = np.arange(1, variances.shape[0] + 1)
     # The centred trajectory has rank n_snapshots - 1, so the last variance is zero up
-    # to rounding; values below 1e-12 of the largest are rounding and are not drawn.
+    # to rounding. Values below 1e-12 of the largest are rounding and are not drawn.
     positive = variances > 1e-12 * variances.max()
     figure, axes = plt.subplots(figsize=(5.5, 4.2))
     axes.loglog(index[positive], variances[positive], ".", markersize=3, label=r"$\sigma_i^2$")

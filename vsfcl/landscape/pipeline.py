@@ -1,10 +1,15 @@
 """The landscape analysis from training to summary, with typed settings.
 
-Steps: train an MLP on MNIST into the exploration phase; keep training through a
-window of epochs while recording snapshots of the analysed parameters; run the PCA
-of the trajectory; fit the variance spectrum; measure the flatness of the loss along
-the leading principal directions; fit ``sigma_i^2 ~ F_i^-psi``; optionally compare
-with Hessian curvature; write arrays, figures and ``summary.json``.
+The steps, in order:
+
+1. train an MLP on MNIST into the exploration phase;
+2. keep training through a window of epochs, recording snapshots of the analysed
+   parameters;
+3. run the PCA of the trajectory and fit the variance spectrum;
+4. measure the flatness of the loss along the leading principal directions and fit
+   ``sigma_i^2 ~ F_i^-psi``;
+5. optionally compare flatness with Hessian curvature;
+6. write arrays, figures and ``summary.json``.
 """
 
 from __future__ import annotations
@@ -132,7 +137,8 @@ class AnalysisSettings:
     max_offset : float
         Largest offset searched on each side, in weight units.
     flatness_rtol : float
-        Relative width at which bisection stops.
+        Relative bracket width (and loss tolerance) at which the crossing refinement
+        of :func:`~vsfcl.flatness.find_flatness` stops.
     max_profile_batch : int
         Points evaluated in one vectorised pass.
     chunk_size : int

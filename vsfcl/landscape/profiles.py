@@ -9,10 +9,10 @@ points' weights and maps the network over them with ``torch.func.vmap`` and
 ``functional_call``. When the analysed parameters sit in one stage of a sequential
 network (for the MLP, ``features.fc2.weight``), the activations entering that stage do
 not depend on the point, so they are computed once and only the later stages run per
-point. When that stage is a linear layer, its output is affine in the offset,
-``(W_0 + theta P_i) h + b = (W_0 h + b) + theta (P_i h)``, so the responses ``P_i h`` are
-computed once per direction and kept in a cache of bounded size; each point then costs
-only the layers after it. The data are processed in chunks and the per-sample losses summed in float64,
+point. When that stage is a linear layer, its output is affine in the offset:
+``(W_0 + theta P_i) h + b = (W_0 h + b) + theta (P_i h)``. The responses ``P_i h`` are
+therefore computed once per direction and kept in a cache of bounded size, and each
+point costs only the layers after it. The data are processed in chunks and the per-sample losses summed in float64,
 so the result is the exact full-batch mean up to float32 rounding in the network.
 :func:`reference_losses` is the plain one-point-at-a-time evaluation kept as a check.
 """
@@ -85,8 +85,8 @@ class ProfileEvaluator:
         network.
     response_cache_bytes : int
         Memory allowed for the cached per-direction responses ``P_i h`` of the
-        linear-layer shortcut (each is n_samples x layer width floats); the least
-        recently used are dropped beyond it.
+        linear-layer shortcut. Each takes n_samples x layer width floats, and the least
+        recently used are dropped beyond the limit.
     """
 
     def __init__(
@@ -98,7 +98,7 @@ class ProfileEvaluator:
         inputs: Tensor,
         targets: Tensor,
         max_batch: int = 64,
-        chunk_size: int = 4096,
+        chunk_size: int = 512,
         cache_activations: bool = True,
         response_cache_bytes: int = 2 * 1024**3,
     ) -> None:
@@ -200,23 +200,29 @@ class ProfileEvaluator:
     def _shortcut_loss(self, index: Tensor, offsets: Tensor) -> Tensor:
         """Return the mean losses at ``w_0 + offsets[j] p[index[j]]`` with the linear shortcut."""
         shortcut = self._linear
+        width = shortcut.base.shape[1]
         total = torch.zeros(index.shape[0], dtype=torch.float64, device=offsets.device)
         for begin in range(0, index.shape[0], self.max_batch):
             batch_index = index[begin : begin + self.max_batch].tolist()
-            batch_offsets = offsets[begin : begin + self.max_batch].to(torch.float32)
+            batch_offsets = offsets[begin : begin + self.max_batch].tolist()
+            n_points = len(batch_index)
             responses = [self._response(i) for i in batch_index]
+            # Each point's layer output is written in place into one buffer reused across
+            # chunks. This saves a full pass over memory compared with stacking.
+            buffer = torch.empty(n_points, self.chunk_size, width, device=shortcut.base.device)
             for start in range(0, self.n_samples, self.chunk_size):
-                stop = start + self.chunk_size
-                stacked = torch.stack([response[start:stop] for response in responses])
-                # (n_points, chunk, width): base + theta * response, then the fixed layers.
-                x = torch.addcmul(shortcut.base[start:stop], batch_offsets[:, None, None], stacked)
+                stop = min(start + self.chunk_size, self.n_samples)
+                x = buffer[:, : stop - start]
+                base = shortcut.base[start:stop]
+                for j, (response, offset) in enumerate(zip(responses, batch_offsets)):
+                    torch.add(base, response[start:stop], alpha=offset, out=x[j])
                 for module in shortcut.later_stages:
-                    x = module(x)
-                y = self.targets[start:stop]
-                per_sample = F.cross_entropy(
-                    x.flatten(0, 1), y.repeat(len(batch_index)), reduction="none"
-                ).view(len(batch_index), -1)
-                total[begin : begin + len(batch_index)] += per_sample.sum(dim=1, dtype=torch.float64)
+                    x = x.relu_() if isinstance(module, nn.ReLU) else module(x)
+                # (n_points, chunk, n_classes) logits; the loss of sample b is -log p(y_b).
+                log_probabilities = torch.log_softmax(x, dim=-1)
+                y = self.targets[start:stop].expand(n_points, -1).unsqueeze(-1)
+                per_sample = log_probabilities.gather(-1, y).squeeze(-1)
+                total[begin : begin + n_points] -= per_sample.sum(dim=1, dtype=torch.float64)
         return total / self.n_samples
 
     def _suffix_logits(self, parameters: dict[str, Tensor], x: Tensor) -> Tensor:
