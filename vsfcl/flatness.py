@@ -112,13 +112,22 @@ def find_flatness(
         raise ValueError(f"n_directions={n_directions} must be at least 1")
     if growth <= 1.0:
         raise ValueError(f"growth={growth} must be greater than 1")
-    if max_offset <= 0:
-        raise ValueError(f"max_offset={max_offset} must be positive")
+    if not (math.isfinite(max_offset) and max_offset > 0):
+        raise ValueError(
+            f"max_offset={max_offset} is invalid; it must be a finite positive offset, because "
+            "a loss that never reaches the level is searched up to it"
+        )
+    if not (math.isfinite(level_factor) and level_factor > 1.0):
+        raise ValueError(f"level_factor={level_factor} is invalid; it must be a finite number > 1")
+    if not (math.isfinite(rtol) and rtol > 0):
+        raise ValueError(f"rtol={rtol} is invalid; it must be a finite number > 0")
 
     level = level_factor * loss0
     step = torch.as_tensor(initial_step, dtype=torch.float64).expand(n_directions).clone()
-    if not bool(torch.all(step > 0)):
-        raise ValueError("initial_step must be positive for every direction")
+    if not bool(torch.all(step > 0)) or not bool(torch.all(torch.isfinite(step))):
+        raise ValueError(
+            f"initial_step must be finite and positive for every direction, got {step.tolist()}"
+        )
     step = step.clamp(max=max_offset)
 
     # One row per (direction, side): side 0 is theta < 0, side 1 is theta > 0.

@@ -35,7 +35,8 @@ class TrajectoryPCA:
     mean : Tensor of shape (n_params,)
         Time-averaged weights ``<w>_T``.
     directions : Tensor of shape (n_components, n_params)
-        Orthonormal principal directions ``p_i`` as rows.
+        Orthonormal principal directions ``p_i`` as rows; the row of a component with
+        zero variance is zero.
     variances : Tensor of shape (n_components,)
         Time-averaged squared projections ``sigma_i^2``, non-increasing.
     projections : Tensor of shape (n_snapshots, n_components)
@@ -85,7 +86,13 @@ def trajectory_pca(
     -------
     TrajectoryPCA
         Directions are sign-fixed so that each direction's largest-magnitude entry
-        is positive, which makes results reproducible across solvers.
+        is positive, which makes results reproducible across solvers. Identical
+        snapshots give zero variances and zero directions, with a logged warning.
+
+    Raises
+    ------
+    ValueError
+        If the shape or ``n_components`` is invalid, or a snapshot is not finite.
     """
     if snapshots.ndim != 2:
         raise ValueError(
@@ -107,11 +114,22 @@ def trajectory_pca(
         )
     if method not in ("auto", "exact", "lowrank"):
         raise ValueError(f"method={method!r} is invalid; use 'auto', 'exact' or 'lowrank'")
+    finite_rows = torch.isfinite(snapshots).all(dim=1)
+    if not bool(finite_rows.all()):
+        first = int(torch.nonzero(~finite_rows)[0])
+        raise ValueError(
+            f"snapshots contain NaN or infinite weights (first in snapshot {first} of "
+            f"{n_snapshots}), so the trajectory diverged; lower the learning rate"
+        )
 
     # Double precision keeps the small trailing variances meaningful.
     work = snapshots.detach().to(torch.float64)
     mean = work.mean(dim=0)
     centred = work - mean
+    identical = bool((work == work[0]).all())
+    if identical:
+        # The rounded mean can differ from the snapshots in the last bit.
+        centred = torch.zeros_like(work)
     total_variance = float(centred.pow(2).sum() / n_snapshots)
 
     if method == "auto":
@@ -126,8 +144,17 @@ def trajectory_pca(
         directions = v[:, :n_components].T
         singular_values = singular_values[:n_components]
 
+    # A component of zero variance has no defined direction, and the solvers return
+    # different arbitrary vectors for it, so its row is set to zero.
+    directions = torch.where(singular_values[:, None] > 0, directions, torch.zeros_like(directions))
     directions = _fix_signs(directions)
     variances = singular_values.pow(2) / n_snapshots
+    if identical:
+        log.warning(
+            "all %d snapshots are identical, so every variance is 0 and every direction is "
+            "a zero vector; the weights did not move over the window",
+            n_snapshots,
+        )
     projections = centred @ directions.T
 
     dtype = snapshots.dtype if snapshots.is_floating_point() else torch.float32
