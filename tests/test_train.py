@@ -112,3 +112,21 @@ def test_cli_rejects_unknown_strategy(tmp_path):
     assert completed.returncode != 0
     assert "strategy" in completed.stderr and "si" in completed.stderr
     assert not (tmp_path / "results.json").exists()
+
+
+@pytest.mark.slow
+def test_flatness_penalty_logged_to_tensorboard(mnist, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _run([*QUICK, "strategy=flatness", *FLATNESS_QUICK], tmp_path)
+    events = EventAccumulator(str(tmp_path / "tb_logs"))
+    events.Reload()
+    penalties = [event.value for event in events.Scalars("flatness/penalty")]
+    # No penalty during the first experience, a positive one once a subspace is stored.
+    assert penalties[0] == 0.0
+    assert max(penalties) > 0.0
+
+
+def test_num_threads_validated(tmp_path):
+    with pytest.raises(Exception, match="num_threads=0 is invalid"):
+        _run([*QUICK, "num_threads=0"], tmp_path)

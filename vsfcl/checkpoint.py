@@ -35,7 +35,7 @@ CHECKPOINT_FILE = "checkpoint.pt"
 FORMAT_VERSION = 1
 
 # Keys that do not change what a run computes, so they may differ on resume.
-RESUME_INDEPENDENT_KEYS = ("resume", "keep_checkpoint", "progress_bar", "data_root")
+RESUME_INDEPENDENT_KEYS = ("resume", "keep_checkpoint", "progress_bar", "data_root", "num_threads", "wandb")
 
 _CLOCK_COUNTERS = (
     "train_iterations",

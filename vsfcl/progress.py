@@ -6,6 +6,8 @@ import time
 from typing import Any
 
 from avalanche.core import SupervisedPlugin
+from avalanche.evaluation.metric_definitions import PluginMetric
+from avalanche.evaluation.metric_results import MetricValue
 from tqdm.auto import tqdm
 
 
@@ -66,3 +68,43 @@ class ConsolidationClock:
 
         self.start = _Start()
         self.stop = _Stop()
+
+
+class PenaltyMetric(PluginMetric[float]):
+    """Mean regularization penalty per training epoch, logged as ``flatness/penalty``.
+
+    The value comes from the first plugin of the strategy that exposes ``last_penalty``
+    (the :class:`~vsfcl.plugin.FlatnessPlugin`); it is looked up at each epoch because
+    the evaluator is built before the strategy's plugins.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._total = 0.0
+        self._count = 0
+        self._source: Any = None
+
+    def result(self) -> float | None:
+        return self._total / self._count if self._count else None
+
+    def reset(self) -> None:
+        self._total = 0.0
+        self._count = 0
+
+    def before_training_epoch(self, strategy: Any) -> None:
+        self.reset()
+        self._source = next((p for p in strategy.plugins if hasattr(p, "last_penalty")), None)
+
+    def after_training_iteration(self, strategy: Any) -> None:
+        if self._source is not None:
+            self._total += float(self._source.last_penalty)
+            self._count += 1
+
+    def after_training_epoch(self, strategy: Any) -> list[MetricValue]:
+        value = self.result()
+        if value is None:
+            return []
+        return [MetricValue(self, "flatness/penalty", value, strategy.clock.train_iterations)]
+
+    def __str__(self) -> str:
+        return "flatness/penalty"

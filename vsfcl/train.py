@@ -56,7 +56,7 @@ from vsfcl.io import write_json_atomic
 from vsfcl.metrics import average_accuracy, backward_transfer, forgetting
 from vsfcl.models import build_mlp
 from vsfcl.plugin import FlatnessPlugin
-from vsfcl.progress import ConsolidationClock, ProgressBar
+from vsfcl.progress import ConsolidationClock, PenaltyMetric, ProgressBar
 from vsfcl.scenarios import TensorBenchmark, permuted_mnist, split_mnist
 from vsfcl.strategies import build_strategy
 from vsfcl.tensor_data import to_avalanche
@@ -129,15 +129,31 @@ def _accuracy_rows(metrics: dict[str, Any], n_experiences: int) -> dict[str, lis
     return rows
 
 
-def _make_evaluator(run_dir: Path) -> EvaluationPlugin:
-    return EvaluationPlugin(
+def _make_evaluator(run_dir: Path, cfg: DictConfig) -> EvaluationPlugin:
+    metrics: list[Any] = [
         accuracy_metrics(experience=True, stream=True),
         loss_metrics(epoch=True, experience=True, stream=True),
-        loggers=[
-            CSVLogger(log_folder=str(run_dir / "csv_logs")),
-            TensorboardLogger(tb_log_dir=str(run_dir / "tb_logs")),
-        ],
-    )
+    ]
+    if cfg.strategy.name == "flatness":
+        metrics.append(PenaltyMetric())
+    loggers: list[Any] = [
+        CSVLogger(log_folder=str(run_dir / "csv_logs")),
+        TensorboardLogger(tb_log_dir=str(run_dir / "tb_logs")),
+    ]
+    if cfg.wandb.enabled:
+        # Imported here because wandb is optional and slow to import.
+        from avalanche.logging import WandBLogger
+
+        loggers.append(
+            WandBLogger(
+                project_name=cfg.wandb.project,
+                run_name=f"{cfg.strategy.name}-seed{cfg.seed}",
+                dir=str(run_dir),
+                config=OmegaConf.to_container(cfg, resolve=True),
+                params={"mode": cfg.wandb.mode, "entity": cfg.wandb.entity},
+            )
+        )
+    return EvaluationPlugin(*metrics, loggers=loggers)
 
 
 @dataclass
@@ -177,6 +193,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     options: dict[str, Any] = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
     validate_config(options, run_dir)
     device = resolve_device(str(cfg.device))
+    if cfg.num_threads is not None:
+        torch.set_num_threads(int(cfg.num_threads))
 
     # Decide between a finished run, a resumed run and a new one, before any training.
     finished = _finished_results(options, run_dir)
@@ -243,7 +261,7 @@ def _build_session(
         options=strategy_options,
         model=model,
         make_optimizer=instantiate(cfg.optimizer),
-        evaluator=_make_evaluator(run_dir),
+        evaluator=_make_evaluator(run_dir, cfg),
         # The guard comes before the method's plugin; see DivergenceGuard.
         extra_plugins=[guard, clock.start],
         final_plugins=[clock.stop, progress_bar],

@@ -100,6 +100,15 @@ def validate_config(options: Mapping[str, Any], run_dir: Path) -> None:
         _require_count(key, options.get(key))
     for key in ("fast_data", "eval_valid", "progress_bar", "keep_checkpoint"):
         _require_bool(key, options.get(key))
+    threads = options.get("num_threads")
+    if threads is not None and (not _is_integer(threads) or threads < 1):
+        raise ConfigError(
+            f"num_threads={threads!r} is invalid; use an integer >= 1, or null for PyTorch's default"
+        )
+    wandb = options.get("wandb") or {}
+    _require_bool("wandb.enabled", wandb.get("enabled"))
+    if wandb.get("mode") not in ("online", "offline", "disabled"):
+        raise ConfigError(f"wandb.mode={wandb.get('mode')!r} is invalid; use online, offline or disabled")
     if options.get("resume") not in RESUME_MODES:
         raise ConfigError(
             f"resume={options.get('resume')!r} is invalid; use auto (continue from a checkpoint "
