@@ -79,6 +79,9 @@ def test_command_runs_end_to_end(tmp_path: Path) -> None:
         "train_subset=2000", "exploration.max_epochs=4", "window_epochs=2", "snapshot_interval=1",
         "analysis.n_directions=8", "analysis.bootstrap_samples=100",
         "analysis.spectrum_min_index=5", "analysis.spectrum_max_index=40",
+        "theory.minibatch.n_minibatches=10", "theory.minibatch.bootstrap_samples=100",
+        "theory.langevin.n_samples=1000", "theory.langevin.n_steps=200", "theory.langevin.burn_in=50",
+        "theory.langevin.n_directions=8", "theory.langevin.bootstrap_samples=100",
         f"hydra.run.dir={run_dir}",
     ]
     completed = subprocess.run(command, capture_output=True, text=True, timeout=120)
@@ -99,6 +102,10 @@ def test_command_runs_end_to_end(tmp_path: Path) -> None:
     assert summary["exploration"]["reached"] in (True, False)
     assert len(summary["exploration"]["history"]) == 6
     assert summary["spectrum_fit"]["min_index"] == 5
+    # The random-landscape statistics and the Langevin contrast, one entry per direction.
+    assert len(summary["random_landscape"]["temperature"]) == 8
+    assert len(summary["random_landscape"]["correlation_time"]) == 8
+    assert "psi" in summary["langevin"]
     # Every null entry has a stated reason.
     nulls = [key for key, value in summary.items() if value is None]
     assert set(nulls) <= set(summary["null_reasons"]), nulls

@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import vsfcl
 from vsfcl.landscape.exploration import ExplorationCriterion
+from vsfcl.landscape.theory import settings_from_mapping
 from vsfcl.landscape.pipeline import (
     AnalysisSettings,
     LandscapeSettings,
@@ -50,6 +51,10 @@ def settings_from_config(cfg: DictConfig) -> LandscapeSettings:
         parameters = tuple(parameters)
     analysis = dict(plain["analysis"])
     analysis["trajectory_planes"] = tuple(tuple(pair) for pair in analysis["trajectory_planes"])
+    theory_options = dict(plain["theory"])
+    theory, langevin = None, None
+    if theory_options.pop("enabled"):
+        theory, langevin = settings_from_mapping(theory_options)
     return LandscapeSettings(
         training=TrainingSettings(
             seed=plain["seed"],
@@ -71,6 +76,9 @@ def settings_from_config(cfg: DictConfig) -> LandscapeSettings:
         ),
         analysis=AnalysisSettings(**analysis),
         optimizer_name=str(plain["optimizer"]["_target_"]),
+        learning_rate=float(plain["optimizer"]["lr"]),
+        theory=theory,
+        langevin=langevin,
     )
 
 

@@ -14,6 +14,7 @@ The steps, in order:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -44,6 +45,13 @@ from vsfcl.landscape.spectrum import (
     cumulative_variance_excluding_first,
     drift_statistics,
     fit_power_law,
+)
+from vsfcl.landscape.theory import (
+    LangevinSettings,
+    TheorySettings,
+    analyse_random_landscape,
+    run_langevin_contrast,
+    write_theory_figures,
 )
 from vsfcl.landscape.trajectory import TrajectoryRecorder
 from vsfcl.models import MLP
@@ -185,6 +193,11 @@ class LandscapeSettings:
     window: WindowSettings = field(default_factory=WindowSettings)
     analysis: AnalysisSettings = field(default_factory=AnalysisSettings)
     optimizer_name: str = "sgd"
+    # Learning rate alpha of the optimizer; the effective temperature T_i scales with it.
+    learning_rate: float = 0.1
+    # Random-landscape statistics and the Langevin contrast; None skips them.
+    theory: TheorySettings | None = None
+    langevin: LangevinSettings | None = None
 
 
 def resolve_device(device: str) -> torch.device:
@@ -298,14 +311,91 @@ def run_landscape(
     _save_arrays(output_dir, recorder, analysis)
     figure_paths = _draw_figures(output_dir, recorder, analysis, settings.analysis)
     timing["output_seconds"] = time.perf_counter() - clock
+
+    theory_summary = _analyse_theory(model, recorder, data, settings, analysis, output_dir, figure_paths, timing)
     timing["total_seconds"] = time.perf_counter() - started
     summary = build_summary(settings, history, recorder, analysis, figure_paths, timing, device)
+    summary.update(theory_summary)
     write_json(output_dir / "summary.json", summary)
     log.info(
         "Summary: gamma=%s, n90=%s, psi=%s, psi_ci=%s; outputs in %s",
         summary["gamma"], summary["n90"], summary["psi"], summary["psi_ci"], output_dir,
     )
     return summary
+
+
+def _analyse_theory(
+    model: nn.Module,
+    recorder: TrajectoryRecorder,
+    data: ClassificationData,
+    settings: LandscapeSettings,
+    analysis: LandscapeAnalysis,
+    output_dir: Path,
+    figure_paths: list[str],
+    timing: dict[str, float],
+) -> dict[str, Any]:
+    """Measure T_i, tau_i and the minibatch minima, then run the Langevin contrast.
+
+    Returns the ``random_landscape`` and ``langevin`` entries of the summary (empty when
+    ``settings.theory`` is None) and appends the figure names to ``figure_paths``. The
+    model's parameters must be at their time averages, as :func:`analyse_trajectory`
+    leaves them.
+    """
+    if settings.theory is None:
+        return {}
+    if settings.optimizer_name != "torch.optim.SGD":
+        log.warning(
+            "T_i = (alpha/2) <(dL^mu/dtheta_i)^2> assumes plain SGD; with %s it is only indicative",
+            settings.optimizer_name,
+        )
+    clock = time.perf_counter()
+    k = analysis.n_directions
+    theory = analyse_random_landscape(
+        model,
+        recorder.parameter_names,
+        data.train_inputs,
+        data.train_targets,
+        settings.training.batch_size,
+        settings.learning_rate,
+        recorder.time_average(),
+        analysis.evaluator.directions,
+        analysis.flatness.flatness,
+        analysis.pca.variances[:k],
+        analysis.pca.projections[:, :k],
+        settings.window.snapshot_interval,
+        settings.theory,
+    )
+    timing["random_landscape_seconds"] = time.perf_counter() - clock
+
+    contrast = None
+    if settings.langevin is not None:
+        clock = time.perf_counter()
+        temperature = settings.langevin.temperature or theory.median_temperature()
+        langevin = settings.langevin
+        n_train = int(data.train_inputs.shape[0])
+        if langevin.n_samples is not None and langevin.n_samples > n_train:
+            log.warning(
+                "theory.langevin.n_samples=%d exceeds the %d training samples; using all of them",
+                langevin.n_samples,
+                n_train,
+            )
+            langevin = dataclasses.replace(langevin, n_samples=None)
+        contrast = run_langevin_contrast(
+            model,
+            recorder.parameter_names,
+            data.train_inputs,
+            data.train_targets,
+            settings.learning_rate,
+            temperature,
+            langevin,
+        )
+        timing["langevin_seconds"] = time.perf_counter() - clock
+    figure_paths.extend(write_theory_figures(theory, output_dir, contrast, analysis.psi_fit))
+
+    result: dict[str, Any] = {"random_landscape": theory.to_summary()}
+    if contrast is not None:
+        result["langevin"] = contrast.to_summary()
+    return result
 
 
 def _make_recorder(model: nn.Module, settings: LandscapeSettings, n_train: int) -> TrajectoryRecorder:
