@@ -45,7 +45,9 @@ def test_every_option_composes(group, option):
 
 
 def test_overrides_from_the_readme_compose():
-    cfg = _compose(["benchmark=permuted_mnist", "strategy=ewc", "strategy.ewc_lambda=100", "seed=1"])
+    cfg = _compose(
+        ["benchmark=permuted_mnist", "strategy=ewc", "strategy.ewc_lambda=100", "seed=1"]
+    )
     assert cfg.benchmark.name == "permuted_mnist"
     assert cfg.strategy.ewc_lambda == 100
     assert cfg.seed == 1
@@ -56,7 +58,11 @@ def test_overrides_from_the_readme_compose():
     [
         ("ewc", {"ewc_lambda": -1.0}, r"strategy.ewc_lambda=-1.0 is out of range"),
         ("ewc", {"ewc_lambda": "big"}, r"strategy.ewc_lambda='big' is invalid"),
-        ("online_ewc", {"ewc_lambda": 1.0, "decay_factor": 2.0}, r"decay_factor=2.0 is out of range"),
+        (
+            "online_ewc",
+            {"ewc_lambda": 1.0, "decay_factor": 2.0},
+            r"decay_factor=2.0 is out of range",
+        ),
         ("si", {}, r"strategy 'si' is unknown"),
     ],
 )

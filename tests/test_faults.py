@@ -69,25 +69,73 @@ def _assert_nothing_written(run_dir: Path) -> None:
 # ---------------------------------------------------------------------------
 
 BAD_CONFIGS = [
-    (["benchmark.name=cifar10"], r"benchmark.name='cifar10' is unknown; choose one of split_mnist, permuted_mnist"),
+    (
+        ["benchmark.name=cifar10"],
+        r"benchmark.name='cifar10' is unknown; choose one of split_mnist, permuted_mnist",
+    ),
     (["strategy.name=bogus"], r"strategy.name='bogus' is unknown; choose one of naive, joint"),
-    (["strategy=ewc", "strategy.ewc_lambda=-1"], r"strategy.ewc_lambda=-1 is out of range; it must be >= 0"),
-    (["strategy=ewc", "strategy.ewc_lambda=big"], r"strategy.ewc_lambda='big' is invalid; it must be a finite number"),
-    ([*FLATNESS, "strategy.strength=-0.5"], r"strategy.strength=-0.5 is out of range; it must be >= 0"),
-    ([*FLATNESS, "strategy.n_directions=4"], r"n_directions=4 is out of range: K must be between 1 and n_snapshots - 1 = 3"),
-    ([*FLATNESS, "strategy.n_directions=many"], r"strategy.n_directions='many' is invalid; it must be an integer"),
-    ([*FLATNESS, "strategy.window_fraction=1.5"], r"window_fraction=1.5 is out of range; it must be in \(0, 1\]"),
-    ([*FLATNESS, "strategy.profile_rtol=0"], r"strategy.profile_rtol=0 is out of range; it must be > 0"),
-    (["benchmark.n_experiences=3"], r"benchmark.n_experiences=3 does not divide the 10 MNIST classes"),
-    (["benchmark=permuted_mnist", "benchmark.n_experiences=0"], r"benchmark.n_experiences=0 is invalid; it must be an integer >= 1"),
-    (["benchmark.scenario=online"], r"benchmark.scenario='online' is invalid; use one of task, domain, class"),
-    (["benchmark.valid_fraction=1.0"], r"benchmark.valid_fraction=1.0 is out of range; it must be in \[0, 1\)"),
-    (["benchmark.train_samples=0"], r"benchmark.train_samples=0 is invalid; it must be an integer >= 1"),
-    (["model.hidden_sizes=[400,0]"], r"model.hidden_sizes=\[400, 0\] is invalid; it must be a list of integers >= 1"),
-    (["model.activation=sigmoid"], r"model.activation='sigmoid' is invalid; use one of relu, tanh, gelu"),
+    (
+        ["strategy=ewc", "strategy.ewc_lambda=-1"],
+        r"strategy.ewc_lambda=-1 is out of range; it must be >= 0",
+    ),
+    (
+        ["strategy=ewc", "strategy.ewc_lambda=big"],
+        r"strategy.ewc_lambda='big' is invalid; it must be a finite number",
+    ),
+    (
+        [*FLATNESS, "strategy.strength=-0.5"],
+        r"strategy.strength=-0.5 is out of range; it must be >= 0",
+    ),
+    (
+        [*FLATNESS, "strategy.n_directions=4"],
+        r"n_directions=4 is out of range: K must be between 1 and n_snapshots - 1 = 3",
+    ),
+    (
+        [*FLATNESS, "strategy.n_directions=many"],
+        r"strategy.n_directions='many' is invalid; it must be an integer",
+    ),
+    (
+        [*FLATNESS, "strategy.window_fraction=1.5"],
+        r"window_fraction=1.5 is out of range; it must be in \(0, 1\]",
+    ),
+    (
+        [*FLATNESS, "strategy.profile_rtol=0"],
+        r"strategy.profile_rtol=0 is out of range; it must be > 0",
+    ),
+    (
+        ["benchmark.n_experiences=3"],
+        r"benchmark.n_experiences=3 does not divide the 10 MNIST classes",
+    ),
+    (
+        ["benchmark=permuted_mnist", "benchmark.n_experiences=0"],
+        r"benchmark.n_experiences=0 is invalid; it must be an integer >= 1",
+    ),
+    (
+        ["benchmark.scenario=online"],
+        r"benchmark.scenario='online' is invalid; use one of task, domain, class",
+    ),
+    (
+        ["benchmark.valid_fraction=1.0"],
+        r"benchmark.valid_fraction=1.0 is out of range; it must be in \[0, 1\)",
+    ),
+    (
+        ["benchmark.train_samples=0"],
+        r"benchmark.train_samples=0 is invalid; it must be an integer >= 1",
+    ),
+    (
+        ["model.hidden_sizes=[400,0]"],
+        r"model.hidden_sizes=\[400, 0\] is invalid; it must be a list of integers >= 1",
+    ),
+    (
+        ["model.activation=sigmoid"],
+        r"model.activation='sigmoid' is invalid; use one of relu, tanh, gelu",
+    ),
     (["optimizer.lr=-0.1"], r"optimizer.lr=-0.1 is invalid; it must be a finite number > 0"),
     (["optimizer.lr=fast"], r"optimizer.lr='fast' is invalid"),
-    (["optimizer=sgd", "optimizer.momentum=1.0"], r"optimizer.momentum=1.0 is out of range; it must be in \[0, 1\)"),
+    (
+        ["optimizer=sgd", "optimizer.momentum=1.0"],
+        r"optimizer.momentum=1.0 is out of range; it must be in \[0, 1\)",
+    ),
     (["train_epochs=0"], r"train_epochs=0 is invalid; it must be an integer >= 1"),
     (["batch_size=2.5"], r"batch_size=2.5 is invalid; it must be an integer >= 1"),
     (["resume=maybe"], r"resume='maybe' is invalid; use auto"),
@@ -95,7 +143,9 @@ BAD_CONFIGS = [
 ]
 
 
-@pytest.mark.parametrize(("overrides", "message"), BAD_CONFIGS, ids=[" ".join(o) for o, _ in BAD_CONFIGS])
+@pytest.mark.parametrize(
+    ("overrides", "message"), BAD_CONFIGS, ids=[" ".join(o) for o, _ in BAD_CONFIGS]
+)
 def test_bad_config_rejected_before_writing(tmp_path, overrides, message):
     run_dir = tmp_path / "run"
     with pytest.raises(ConfigError, match=message):
@@ -105,7 +155,9 @@ def test_bad_config_rejected_before_writing(tmp_path, overrides, message):
 
 def test_cuda_without_gpu_rejected(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(ConfigError, match=r"device=cuda was requested but no CUDA GPU is available"):
+    with pytest.raises(
+        ConfigError, match=r"device=cuda was requested but no CUDA GPU is available"
+    ):
         run(_compose(["device=cuda"]), tmp_path)
     _assert_nothing_written(tmp_path)
 
@@ -113,7 +165,9 @@ def test_cuda_without_gpu_rejected(tmp_path, monkeypatch):
 def test_unwritable_output_directory_rejected(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("")
-    with pytest.raises(ConfigError, match=r"the output directory .*/file/run cannot be written .*hydra.run.dir"):
+    with pytest.raises(
+        ConfigError, match=r"the output directory .*/file/run cannot be written .*hydra.run.dir"
+    ):
         run(_compose([]), blocker / "run")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
 
@@ -131,17 +185,36 @@ def test_unwritable_data_root_rejected(tmp_path):
 def test_snapshot_window_too_short_rejected(mnist, tmp_path):
     # 180 training samples in batches of 32 give 6 iterations; a tenth of them is 1.
     overrides = [*FLATNESS, "strategy.window_fraction=0.1"]
-    with pytest.raises(ConfigError, match=r"snapshot window is 1 iteration\(s\) long .*PCA needs at least 2"):
+    with pytest.raises(
+        ConfigError, match=r"snapshot window is 1 iteration\(s\) long .*PCA needs at least 2"
+    ):
         run(_compose(overrides), tmp_path)
     _assert_nothing_written(tmp_path)
 
 
 @pytest.mark.slow
 def test_cli_prints_config_error_and_exits_1(tmp_path):
-    command = [sys.executable, "-m", "vsfcl.train", *QUICK, "strategy=ewc", "strategy.ewc_lambda=-1", f"hydra.run.dir={tmp_path}"]
-    completed = subprocess.run(command, capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    command = [
+        sys.executable,
+        "-m",
+        "vsfcl.train",
+        *QUICK,
+        "strategy=ewc",
+        "strategy.ewc_lambda=-1",
+        f"hydra.run.dir={tmp_path}",
+    ]
+    completed = subprocess.run(
+        command,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert completed.returncode == 1
-    assert "error: strategy=ewc: strategy.ewc_lambda=-1 is out of range; it must be >= 0" in completed.stderr
+    assert (
+        "error: strategy=ewc: strategy.ewc_lambda=-1 is out of range; it must be >= 0"
+        in completed.stderr
+    )
     assert "Traceback" not in completed.stderr
     _assert_nothing_written(tmp_path)
 
@@ -207,7 +280,10 @@ def test_nan_loss_names_experience_and_iteration(mnist, tmp_path, monkeypatch):
     monkeypatch.setattr(_NaNAfter, "calls", 0)
     monkeypatch.setattr(_NaNAfter, "nan_at", 9)
     monkeypatch.setattr(vsfcl.strategies.nn, "CrossEntropyLoss", _NaNAfter)
-    with pytest.raises(DivergenceError, match=r"experience 1, epoch 0, iteration 2 of the experience .*the data loss is nan"):
+    with pytest.raises(
+        DivergenceError,
+        match=r"experience 1, epoch 0, iteration 2 of the experience .*the data loss is nan",
+    ):
         run(_compose(["strategy=naive"]), tmp_path)
     results = _read_results(tmp_path)
     assert len(results["accuracy_matrix"]) == 1
@@ -230,8 +306,23 @@ def test_infinite_penalty_blames_strength(mnist, tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_cli_prints_divergence_and_exits_1(tmp_path):
-    command = [sys.executable, "-m", "vsfcl.train", *QUICK, "strategy=naive", "optimizer=sgd", "optimizer.lr=1e6", f"hydra.run.dir={tmp_path}"]
-    completed = subprocess.run(command, capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    command = [
+        sys.executable,
+        "-m",
+        "vsfcl.train",
+        *QUICK,
+        "strategy=naive",
+        "optimizer=sgd",
+        "optimizer.lr=1e6",
+        f"hydra.run.dir={tmp_path}",
+    ]
+    completed = subprocess.run(
+        command,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert completed.returncode == 1
     assert "error: training diverged in experience 0" in completed.stderr
     assert "Traceback" not in completed.stderr
@@ -257,7 +348,9 @@ def test_checkpoint_with_code_is_rejected_unrun(tmp_path):
     payload = _Payload()
     payload.marker = str(marker)
     torch.save({"format_version": 1, "config": {}, "payload": payload}, tmp_path / CHECKPOINT_FILE)
-    with pytest.raises(CheckpointError, match=r"contains objects other than tensors and plain values"):
+    with pytest.raises(
+        CheckpointError, match=r"contains objects other than tensors and plain values"
+    ):
         run(_compose(["strategy=naive"]), tmp_path)
     assert not marker.exists()
     assert not (tmp_path / RESULTS_FILE).exists()
@@ -265,7 +358,9 @@ def test_checkpoint_with_code_is_rejected_unrun(tmp_path):
 
 def test_checkpoint_of_other_format_is_rejected(tmp_path):
     torch.save({"format_version": 99}, tmp_path / CHECKPOINT_FILE)
-    with pytest.raises(CheckpointError, match=r"has format version 99, but this vsfcl reads version 1"):
+    with pytest.raises(
+        CheckpointError, match=r"has format version 99, but this vsfcl reads version 1"
+    ):
         run(_compose(["strategy=naive"]), tmp_path)
     assert not (tmp_path / RESULTS_FILE).exists()
 
@@ -283,11 +378,16 @@ def test_unreadable_results_file_is_an_error(tmp_path):
 
 
 def test_pca_rejects_more_directions_than_snapshots():
-    with pytest.raises(ValueError, match=r"n_components=5 is out of range: it must be between 1 and min\(n_snapshots, n_params\) = 3"):
+    with pytest.raises(
+        ValueError,
+        match=r"n_components=5 is out of range: it must be between 1 and min\(n_snapshots, n_params\) = 3",
+    ):
         trajectory_pca(torch.randn(3, 10), n_components=5)
 
 
-@pytest.mark.parametrize(("shape", "method"), [((5, 10), "exact"), ((12, 3), "exact"), ((30, 40), "lowrank")])
+@pytest.mark.parametrize(
+    ("shape", "method"), [((5, 10), "exact"), ((12, 3), "exact"), ((30, 40), "lowrank")]
+)
 def test_pca_of_identical_snapshots_is_zero(shape, method, caplog):
     snapshots = torch.full(shape, 0.7, dtype=torch.float64)
     with caplog.at_level(logging.WARNING, logger="vsfcl.pca"):
@@ -330,7 +430,9 @@ def test_flatness_of_flat_direction_is_censored():
 
 
 def test_flatness_treats_nan_loss_as_above_level():
-    result = find_flatness(lambda i, o: torch.full_like(o, math.nan), 1, 1.0, initial_step=1.0, max_offset=10.0)
+    result = find_flatness(
+        lambda i, o: torch.full_like(o, math.nan), 1, 1.0, initial_step=1.0, max_offset=10.0
+    )
     assert not bool(result.censored[0])
     assert math.isfinite(float(result.flatness[0]))
 

@@ -13,12 +13,28 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
-from vsfcl.data.mnist import TEST_IMAGES, TEST_LABELS, TRAIN_IMAGES, TRAIN_LABELS, default_data_root, mnist_raw_dir
+from vsfcl.data.mnist import (
+    TEST_IMAGES,
+    TEST_LABELS,
+    TRAIN_IMAGES,
+    TRAIN_LABELS,
+    default_data_root,
+    mnist_raw_dir,
+)
 from vsfcl.landscape.cli import config_dir, settings_from_config
 from vsfcl.landscape.pipeline import TrainingSettings, load_classification_data
 
 OPTIMIZERS = ["adam", "momentum", "sgd"]
-SETTINGS = ["adam", "momentum", "sgd_b100", "sgd_b200", "sgd_b25", "sgd_b50", "sgd_lr005", "sgd_lr020"]
+SETTINGS = [
+    "adam",
+    "momentum",
+    "sgd_b100",
+    "sgd_b200",
+    "sgd_b25",
+    "sgd_b50",
+    "sgd_lr005",
+    "sgd_lr020",
+]
 
 
 def _compose(overrides: list[str]):
@@ -28,7 +44,9 @@ def _compose(overrides: list[str]):
 
 def _mnist_files_present() -> bool:
     raw = mnist_raw_dir(default_data_root())
-    return all((raw / name).is_file() for name in (TRAIN_IMAGES, TRAIN_LABELS, TEST_IMAGES, TEST_LABELS))
+    return all(
+        (raw / name).is_file() for name in (TRAIN_IMAGES, TRAIN_LABELS, TEST_IMAGES, TEST_LABELS)
+    )
 
 
 def test_landscape_groups_match_files() -> None:
@@ -75,13 +93,24 @@ def test_command_runs_end_to_end(tmp_path: Path) -> None:
         pytest.skip(f"real MNIST is not in {default_data_root()}; run vsfcl-data to provision it")
     run_dir = tmp_path / "run"
     command = [
-        sys.executable, "-m", "vsfcl.landscape.cli",
-        "train_subset=2000", "exploration.max_epochs=4", "window_epochs=2", "snapshot_interval=1",
-        "analysis.n_directions=8", "analysis.bootstrap_samples=100",
-        "analysis.spectrum_min_index=5", "analysis.spectrum_max_index=40",
-        "theory.minibatch.n_minibatches=10", "theory.minibatch.bootstrap_samples=100",
-        "theory.langevin.n_samples=1000", "theory.langevin.n_steps=200", "theory.langevin.burn_in=50",
-        "theory.langevin.n_directions=8", "theory.langevin.bootstrap_samples=100",
+        sys.executable,
+        "-m",
+        "vsfcl.landscape.cli",
+        "train_subset=2000",
+        "exploration.max_epochs=4",
+        "window_epochs=2",
+        "snapshot_interval=1",
+        "analysis.n_directions=8",
+        "analysis.bootstrap_samples=100",
+        "analysis.spectrum_min_index=5",
+        "analysis.spectrum_max_index=40",
+        "theory.minibatch.n_minibatches=10",
+        "theory.minibatch.bootstrap_samples=100",
+        "theory.langevin.n_samples=1000",
+        "theory.langevin.n_steps=200",
+        "theory.langevin.burn_in=50",
+        "theory.langevin.n_directions=8",
+        "theory.langevin.bootstrap_samples=100",
         f"hydra.run.dir={run_dir}",
     ]
     completed = subprocess.run(command, capture_output=True, text=True, timeout=120)
@@ -91,8 +120,22 @@ def test_command_runs_end_to_end(tmp_path: Path) -> None:
         raise AssertionError(f"summary.json contains {name}")
 
     summary = json.loads((run_dir / "summary.json").read_text(), parse_constant=reject_constant)
-    for key in ("gamma", "n90", "psi", "psi_ci", "n_directions", "n_censored", "variance",
-                "flatness", "curvature", "loss0", "exploration", "spectrum_fit", "timing", "null_reasons"):
+    for key in (
+        "gamma",
+        "n90",
+        "psi",
+        "psi_ci",
+        "n_directions",
+        "n_censored",
+        "variance",
+        "flatness",
+        "curvature",
+        "loss0",
+        "exploration",
+        "spectrum_fit",
+        "timing",
+        "null_reasons",
+    ):
         assert key in summary, key
     assert summary["n_directions"] == 8
     assert len(summary["variance"]) == 8
@@ -110,8 +153,14 @@ def test_command_runs_end_to_end(tmp_path: Path) -> None:
     nulls = [key for key, value in summary.items() if value is None]
     assert set(nulls) <= set(summary["null_reasons"]), nulls
 
-    for name in ("spectrum", "cumulative_variance", "trajectory_planes", "loss_profiles",
-                 "variance_flatness", "curvature_flatness"):
+    for name in (
+        "spectrum",
+        "cumulative_variance",
+        "trajectory_planes",
+        "loss_profiles",
+        "variance_flatness",
+        "curvature_flatness",
+    ):
         path = run_dir / f"{name}.png"
         assert path.stat().st_size > 5000, name
     with np.load(run_dir / "trajectory.npz") as arrays:

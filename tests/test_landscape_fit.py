@@ -36,7 +36,12 @@ def _analytic_loss_along(widths: torch.Tensor, power: int, saturating: set[int] 
 def test_flatness_of_analytic_bowls(power: int, half_width_factor: float) -> None:
     widths = torch.tensor([0.01, 0.3, 1.0, 7.0], dtype=torch.float64)
     result = find_flatness(
-        _analytic_loss_along(widths, power), 4, LOSS0, initial_step=0.05, max_offset=100.0, rtol=1e-6
+        _analytic_loss_along(widths, power),
+        4,
+        LOSS0,
+        initial_step=0.05,
+        max_offset=100.0,
+        rtol=1e-6,
     )
     # L0 (1 + (theta/a)^k) = e L0 at |theta| = a (e - 1)^(1/k), so F = 2 a (e - 1)^(1/k).
     expected = 2 * widths * half_width_factor
@@ -62,7 +67,9 @@ def test_censored_direction_reported_and_excluded_from_fit() -> None:
 def test_psi_recovered_from_planted_relation() -> None:
     generator = torch.Generator().manual_seed(7)
     n_directions = 120
-    flatness = torch.exp(torch.empty(n_directions, dtype=torch.float64).uniform_(-1.0, 1.5, generator=generator))
+    flatness = torch.exp(
+        torch.empty(n_directions, dtype=torch.float64).uniform_(-1.0, 1.5, generator=generator)
+    )
     noise = torch.exp(0.3 * torch.randn(n_directions, generator=generator, dtype=torch.float64))
     variances = 2e-4 * flatness.pow(-4.0) * noise
 

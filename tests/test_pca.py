@@ -6,11 +6,16 @@ from vsfcl.pca import trajectory_pca
 
 def _planted(n_snapshots=3000, n_params=200, stds=(5.0, 3.0, 2.0, 1.0, 0.5), seed=0):
     generator = torch.Generator().manual_seed(seed)
-    directions = torch.linalg.qr(torch.randn(n_params, len(stds), generator=generator, dtype=torch.float64))[0].T
+    directions = torch.linalg.qr(
+        torch.randn(n_params, len(stds), generator=generator, dtype=torch.float64)
+    )[0].T
     coordinates = torch.randn(n_snapshots, len(stds), generator=generator, dtype=torch.float64)
     coordinates = coordinates - coordinates.mean(0)
     # Whiten the sample so that the planted variances hold exactly.
-    coordinates = coordinates @ torch.linalg.inv(torch.linalg.cholesky(coordinates.T @ coordinates / n_snapshots)).T
+    coordinates = (
+        coordinates
+        @ torch.linalg.inv(torch.linalg.cholesky(coordinates.T @ coordinates / n_snapshots)).T
+    )
     coordinates = coordinates * torch.tensor(stds, dtype=torch.float64)
     return coordinates @ directions + 1.5, directions, torch.tensor(stds, dtype=torch.float64) ** 2
 
@@ -22,7 +27,9 @@ def test_pca_recovers_planted_directions(method):
     torch.testing.assert_close(pca.variances, variances, rtol=1e-6, atol=1e-8)
     overlap = (pca.directions @ directions.T).abs()
     torch.testing.assert_close(overlap, torch.eye(5, dtype=torch.float64), rtol=0, atol=1e-6)
-    torch.testing.assert_close(pca.mean, torch.full((200,), 1.5, dtype=torch.float64), rtol=0, atol=1e-10)
+    torch.testing.assert_close(
+        pca.mean, torch.full((200,), 1.5, dtype=torch.float64), rtol=0, atol=1e-10
+    )
 
 
 def test_pca_covariance_path_when_params_fewer_than_snapshots():

@@ -48,7 +48,9 @@ def _plant_snapshots(plugin: FlatnessPlugin, stds) -> None:
     # Sines of distinct whole frequencies are exactly orthogonal and centred over a period.
     times = torch.arange(200, dtype=torch.float64)[:, None]
     frequencies = torch.arange(1, 5, dtype=torch.float64)
-    coordinates = math.sqrt(2) * torch.sin(2 * math.pi * frequencies * times / 200) * torch.tensor(stds)
+    coordinates = (
+        math.sqrt(2) * torch.sin(2 * math.pi * frequencies * times / 200) * torch.tensor(stds)
+    )
     plugin._snapshots = list(coordinates.to(torch.float32))
 
 
@@ -61,20 +63,26 @@ def test_stiffness_of_quadratic_bowl_matches_curvature(source):
 
     subspace = plugin.penalty.subspaces[0]
     # The planted variances put the axes in order, so direction i is axis i (up to sign).
-    torch.testing.assert_close(subspace.directions.abs(), torch.eye(4, dtype=torch.float64), rtol=0, atol=1e-2)
+    torch.testing.assert_close(
+        subspace.directions.abs(), torch.eye(4, dtype=torch.float64), rtol=0, atol=1e-2
+    )
     torch.testing.assert_close(subspace.stiffness, CURVATURES, rtol=5e-3, atol=0)
     # The model is left exactly at the anchor.
     torch.testing.assert_close(strategy.model.w.detach(), torch.zeros(4, dtype=torch.float64))
 
 
 def test_flatness_of_quartic_bowl_matches_closed_form():
-    plugin = FlatnessPlugin(n_directions=4, n_snapshots=200, stiffness="flatness", profile_rtol=1e-6)
+    plugin = FlatnessPlugin(
+        n_directions=4, n_snapshots=200, stiffness="flatness", profile_rtol=1e-6
+    )
     _plant_snapshots(plugin, [1.0, 0.5, 0.2, 0.1])
     plugin.after_training_exp(_strategy(quartic_criterion))
     consolidation = plugin.consolidations[0]
     # L0 + c theta^4 reaches e L0 at theta = ((e - 1) L0 / c)^(1/4) on both sides.
     expected = 2 * ((math.e - 1) * LOSS0 / CURVATURES) ** 0.25
-    torch.testing.assert_close(torch.tensor(consolidation.flatness, dtype=torch.float64), expected, rtol=1e-4, atol=0)
+    torch.testing.assert_close(
+        torch.tensor(consolidation.flatness, dtype=torch.float64), expected, rtol=1e-4, atol=0
+    )
     assert consolidation.n_censored == 0
     assert consolidation.loss0 == pytest.approx(LOSS0)
 

@@ -40,13 +40,17 @@ def _orthonormal_rows(n_rows: int, n_columns: int, generator: torch.Generator) -
 def test_pca_invariants(n_snapshots, n_params, seed, method):
     generator = _generator(seed)
     scales = torch.rand(n_params, generator=generator, dtype=torch.float64) * 3 + 0.1
-    snapshots = torch.randn(n_snapshots, n_params, generator=generator, dtype=torch.float64) * scales + 2.0
+    snapshots = (
+        torch.randn(n_snapshots, n_params, generator=generator, dtype=torch.float64) * scales + 2.0
+    )
     # n centred snapshots span at most n - 1 directions.
     n_components = min(n_snapshots - 1, n_params)
     pca = trajectory_pca(snapshots, n_components=n_components, method=method)
 
     gram = pca.directions @ pca.directions.T
-    torch.testing.assert_close(gram, torch.eye(n_components, dtype=torch.float64), rtol=0, atol=1e-8)
+    torch.testing.assert_close(
+        gram, torch.eye(n_components, dtype=torch.float64), rtol=0, atol=1e-8
+    )
     assert bool(torch.all(pca.variances[1:] <= pca.variances[:-1] * (1 + 1e-10) + 1e-12))
     assert bool(torch.all(pca.variances >= 0))
     assert float(pca.variances.sum()) <= pca.total_variance * (1 + 1e-9) + 1e-12
@@ -57,7 +61,12 @@ def test_pca_invariants(n_snapshots, n_params, seed, method):
 
 
 @MODEST
-@given(n_snapshots=st.integers(3, 14), n_params=st.integers(2, 16), keep=st.integers(1, 3), seed=st.integers(0, 2**31 - 1))
+@given(
+    n_snapshots=st.integers(3, 14),
+    n_params=st.integers(2, 16),
+    keep=st.integers(1, 3),
+    seed=st.integers(0, 2**31 - 1),
+)
 def test_pca_truncated_variances_bounded_by_total(n_snapshots, n_params, keep, seed):
     snapshots = torch.randn(n_snapshots, n_params, generator=_generator(seed), dtype=torch.float64)
     n_components = min(keep, n_snapshots - 1, n_params)
@@ -65,7 +74,9 @@ def test_pca_truncated_variances_bounded_by_total(n_snapshots, n_params, keep, s
     assert pca.n_components == n_components
     assert float(pca.variances.sum()) <= pca.total_variance * (1 + 1e-9)
     # The variance along each direction is the mean squared projection.
-    torch.testing.assert_close(pca.projections.pow(2).mean(dim=0), pca.variances, rtol=1e-8, atol=1e-12)
+    torch.testing.assert_close(
+        pca.projections.pow(2).mean(dim=0), pca.variances, rtol=1e-8, atol=1e-12
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -103,7 +114,8 @@ def test_penalty_value_and_gradient(case):
         penalty.add(subspace)
 
     expected = sum(
-        0.5 * float(torch.sum(s.stiffness * (s.directions @ (weights - s.anchor)) ** 2)) for s in subspaces
+        0.5 * float(torch.sum(s.stiffness * (s.directions @ (weights - s.anchor)) ** 2))
+        for s in subspaces
     )
     value = float(penalty(weights))
     assert value >= 0.0
@@ -122,7 +134,9 @@ def test_penalty_zero_at_single_anchor(case):
     penalty.add(subspaces[0])
     anchor = subspaces[0].anchor
     assert abs(float(penalty(anchor))) <= 1e-20
-    torch.testing.assert_close(penalty.gradient(anchor), torch.zeros_like(anchor), rtol=0, atol=1e-12)
+    torch.testing.assert_close(
+        penalty.gradient(anchor), torch.zeros_like(anchor), rtol=0, atol=1e-12
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -163,7 +177,9 @@ def test_flatness_matches_closed_form(case, initial_step):
     torch.testing.assert_close(result.right, crossing, rtol=1e-5, atol=0)
     torch.testing.assert_close(result.left, -crossing, rtol=1e-5, atol=0)
     torch.testing.assert_close(result.flatness, 2 * crossing, rtol=1e-5, atol=0)
-    torch.testing.assert_close(curvature_from_flatness(result.flatness, loss0), curvature, rtol=1e-4, atol=0)
+    torch.testing.assert_close(
+        curvature_from_flatness(result.flatness, loss0), curvature, rtol=1e-4, atol=0
+    )
 
 
 @MODEST

@@ -6,12 +6,18 @@ import torch
 from vsfcl.regularizer import SharpSubspace, SubspacePenalty, stiffness_from_variance
 
 
-def _random_subspace(n_params: int, n_directions: int, seed: int, experience: int = 0) -> SharpSubspace:
+def _random_subspace(
+    n_params: int, n_directions: int, seed: int, experience: int = 0
+) -> SharpSubspace:
     generator = torch.Generator().manual_seed(seed)
-    directions = torch.linalg.qr(torch.randn(n_params, n_directions, generator=generator, dtype=torch.float64))[0].T
+    directions = torch.linalg.qr(
+        torch.randn(n_params, n_directions, generator=generator, dtype=torch.float64)
+    )[0].T
     anchor = torch.randn(n_params, generator=generator, dtype=torch.float64)
     stiffness = torch.rand(n_directions, generator=generator, dtype=torch.float64) * 5
-    return SharpSubspace(anchor=anchor, directions=directions, stiffness=stiffness, experience=experience)
+    return SharpSubspace(
+        anchor=anchor, directions=directions, stiffness=stiffness, experience=experience
+    )
 
 
 def test_penalty_zero_at_anchor():
@@ -48,7 +54,9 @@ def test_penalty_gradient_zero_at_anchor_and_free_in_flat_directions():
     penalty = SubspacePenalty()
     subspace = _random_subspace(20, 3, seed=5)
     penalty.add(subspace)
-    assert torch.allclose(penalty.gradient(subspace.anchor), torch.zeros(20, dtype=torch.float64), atol=1e-12)
+    assert torch.allclose(
+        penalty.gradient(subspace.anchor), torch.zeros(20, dtype=torch.float64), atol=1e-12
+    )
     # A move orthogonal to every kept direction costs nothing.
     free = torch.randn(20, dtype=torch.float64)
     free -= subspace.directions.T @ (subspace.directions @ free)

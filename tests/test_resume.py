@@ -84,7 +84,9 @@ def _without_timing(results: dict) -> dict:
     """Drop the wall-clock fields, which differ between any two runs."""
     untimed = {key: value for key, value in results.items() if key not in TIMING_KEYS}
     if "flatness" in untimed:
-        untimed["flatness"] = [{k: v for k, v in c.items() if k != "seconds"} for c in untimed["flatness"]]
+        untimed["flatness"] = [
+            {k: v for k, v in c.items() if k != "seconds"} for c in untimed["flatness"]
+        ]
     return untimed
 
 
@@ -97,14 +99,25 @@ def _kill_in_experience_one(tmp_path: Path, run_dir: Path, overrides: list[str])
     runner = tmp_path / "pausing_runner.py"
     runner.write_text(PAUSING_RUNNER)
     marker = tmp_path / "paused"
-    command = [sys.executable, str(runner), str(marker), str(run_dir), *overrides, f"hydra.run.dir={run_dir}"]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=_environment())
+    command = [
+        sys.executable,
+        str(runner),
+        str(marker),
+        str(run_dir),
+        *overrides,
+        f"hydra.run.dir={run_dir}",
+    ]
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=_environment()
+    )
     try:
         deadline = time.monotonic() + 180
         while not marker.exists():
             if process.poll() is not None:
                 output = process.stdout.read().decode(errors="replace")
-                pytest.fail(f"the run ended before pausing (exit code {process.returncode}):\n{output[-3000:]}")
+                pytest.fail(
+                    f"the run ended before pausing (exit code {process.returncode}):\n{output[-3000:]}"
+                )
             if time.monotonic() > deadline:
                 pytest.fail("the run did not reach experience 1 within 180 s")
             time.sleep(0.05)
@@ -131,7 +144,9 @@ def test_killed_run_resumes_to_same_results(mnist, tmp_path, strategy):
     if strategy == "naive":
         # Started again through the CLI, as a user would.
         command = [sys.executable, "-m", "vsfcl.train", *overrides, f"hydra.run.dir={run_dir}"]
-        completed = subprocess.run(command, capture_output=True, text=True, timeout=300, env=_environment())
+        completed = subprocess.run(
+            command, capture_output=True, text=True, timeout=300, env=_environment()
+        )
         assert completed.returncode == 0, completed.stderr[-3000:]
         assert "resumed from" in completed.stdout
         resumed = json.loads((run_dir / RESULTS_FILE).read_text())
@@ -162,7 +177,12 @@ def test_same_seed_gives_identical_results_json(mnist, tmp_path):
 
 @pytest.mark.slow
 def test_checkpoint_loads_with_weights_only(mnist, tmp_path):
-    overrides = [*QUICK, *STRATEGY_OVERRIDES["flatness"], "benchmark.n_experiences=2", "keep_checkpoint=true"]
+    overrides = [
+        *QUICK,
+        *STRATEGY_OVERRIDES["flatness"],
+        "benchmark.n_experiences=2",
+        "keep_checkpoint=true",
+    ]
     run(_compose(overrides), tmp_path)
     state = torch.load(tmp_path / CHECKPOINT_FILE, weights_only=True)
     assert len(state["matrices"]["test"]) == 2
@@ -184,10 +204,15 @@ def test_finished_run_is_not_trained_again(mnist, tmp_path):
 @pytest.mark.slow
 def test_finished_run_with_other_settings_is_an_error(mnist, tmp_path):
     run(_compose([*QUICK, "strategy=naive", "benchmark.n_experiences=2"]), tmp_path)
-    with pytest.raises(ConfigError, match=r"contains a complete run with different settings \(seed: 3 -> 4\)"):
+    with pytest.raises(
+        ConfigError, match=r"contains a complete run with different settings \(seed: 3 -> 4\)"
+    ):
         run(_compose([*QUICK, "strategy=naive", "benchmark.n_experiences=2", "seed=4"]), tmp_path)
     # resume=false replaces the old run.
-    replaced = run(_compose([*QUICK, "strategy=naive", "benchmark.n_experiences=2", "seed=4", "resume=false"]), tmp_path)
+    replaced = run(
+        _compose([*QUICK, "strategy=naive", "benchmark.n_experiences=2", "seed=4", "resume=false"]),
+        tmp_path,
+    )
     assert replaced["seed"] == 4
 
 

@@ -12,7 +12,9 @@ def test_split_mnist_scenarios(mnist, scenario, n_classes, n_heads):
     benchmark = split_mnist(mnist, scenario=scenario, valid_fraction=0.1, seed=0)
     assert benchmark.n_experiences == 5
     assert (benchmark.n_classes, benchmark.n_heads) == (n_classes, n_heads)
-    total_train = sum(len(e) for e in benchmark.streams["train"]) + sum(len(e) for e in benchmark.streams["valid"])
+    total_train = sum(len(e) for e in benchmark.streams["train"]) + sum(
+        len(e) for e in benchmark.streams["valid"]
+    )
     assert total_train == 60_000
     assert sum(len(e) for e in benchmark.streams["test"]) == 10_000
     for index, test in enumerate(benchmark.streams["test"]):
@@ -27,7 +29,7 @@ def test_split_mnist_scenarios(mnist, scenario, n_classes, n_heads):
 def test_split_mnist_valid_fraction_and_determinism(mnist):
     first = split_mnist(mnist, scenario="class", valid_fraction=0.2, seed=3)
     second = split_mnist(mnist, scenario="class", valid_fraction=0.2, seed=3)
-    for a, b in zip(first.streams["valid"], second.streams["valid"]):
+    for a, b in zip(first.streams["valid"], second.streams["valid"], strict=False):
         assert torch.equal(a.y, b.y)
         assert torch.equal(a.x, b.x)
     train, valid = first.streams["train"][0], first.streams["valid"][0]
@@ -35,7 +37,9 @@ def test_split_mnist_valid_fraction_and_determinism(mnist):
 
 
 def test_split_mnist_subsampling(mnist):
-    benchmark = split_mnist(mnist, scenario="task", train_samples=100, test_samples=40, valid_fraction=0.1)
+    benchmark = split_mnist(
+        mnist, scenario="task", train_samples=100, test_samples=40, valid_fraction=0.1
+    )
     assert [len(e) for e in benchmark.streams["train"]] == [90] * 5
     assert [len(e) for e in benchmark.streams["valid"]] == [10] * 5
     assert [len(e) for e in benchmark.streams["test"]] == [40] * 5
@@ -84,8 +88,12 @@ def test_avalanche_scenario_carries_tensors(mnist):
 def test_tensor_loader_visits_every_sample_once_per_epoch():
     from vsfcl.scenarios import ExperienceTensors
 
-    data = ExperienceTensors(torch.arange(10.0)[:, None], torch.arange(10), torch.zeros(10, dtype=torch.long))
-    loader = TensorLoader(data, batch_size=4, shuffle=True, generator=torch.Generator().manual_seed(0))
+    data = ExperienceTensors(
+        torch.arange(10.0)[:, None], torch.arange(10), torch.zeros(10, dtype=torch.long)
+    )
+    loader = TensorLoader(
+        data, batch_size=4, shuffle=True, generator=torch.Generator().manual_seed(0)
+    )
     assert len(loader) == 3
     for _ in range(2):
         seen = torch.cat([batch[1] for batch in loader])

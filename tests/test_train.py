@@ -19,7 +19,12 @@ QUICK = [
     "progress_bar=false",
     "seed=0",
 ]
-FLATNESS_QUICK = ["strategy.n_snapshots=6", "strategy.n_directions=3", "strategy.window_fraction=1.0", "strategy.profile_samples=64"]
+FLATNESS_QUICK = [
+    "strategy.n_snapshots=6",
+    "strategy.n_directions=3",
+    "strategy.window_fraction=1.0",
+    "strategy.profile_samples=64",
+]
 
 
 def _run(overrides, run_dir):
@@ -80,7 +85,9 @@ def test_same_seed_gives_same_results(mnist, tmp_path):
     first = _run(overrides, tmp_path / "a")
     second = _run(overrides, tmp_path / "b")
     assert first["accuracy_matrix"] == second["accuracy_matrix"]
-    assert [c["stiffness"] for c in first["flatness"]] == [c["stiffness"] for c in second["flatness"]]
+    assert [c["stiffness"] for c in first["flatness"]] == [
+        c["stiffness"] for c in second["flatness"]
+    ]
 
 
 @pytest.mark.slow
@@ -95,7 +102,9 @@ def test_cli_sweep_writes_results_and_summary(mnist, tmp_path):
         "eval_valid=false",
         f"hydra.sweep.dir={tmp_path}",
     ]
-    completed = subprocess.run(command, capture_output=True, text=True, timeout=300, env={**os.environ})
+    completed = subprocess.run(
+        command, capture_output=True, text=True, timeout=300, env={**os.environ}
+    )
     assert completed.returncode == 0, completed.stderr[-2000:]
     results = sorted(Path(tmp_path).glob("*/results.json"))
     assert len(results) == 2

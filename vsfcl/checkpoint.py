@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import pickle
 import random
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -35,7 +36,14 @@ CHECKPOINT_FILE = "checkpoint.pt"
 FORMAT_VERSION = 1
 
 # Keys that do not change what a run computes, so they may differ on resume.
-RESUME_INDEPENDENT_KEYS = ("resume", "keep_checkpoint", "progress_bar", "data_root", "num_threads", "wandb")
+RESUME_INDEPENDENT_KEYS = (
+    "resume",
+    "keep_checkpoint",
+    "progress_bar",
+    "data_root",
+    "num_threads",
+    "wandb",
+)
 
 _CLOCK_COUNTERS = (
     "train_iterations",
@@ -200,7 +208,9 @@ def supports_checkpoint(plugin: Any) -> bool:
     """Return whether :func:`plugin_state` can capture everything ``plugin`` keeps."""
     if plugin is None or isinstance(plugin, (AvalancheEWCPlugin, TensorEWCPlugin)):
         return True
-    return callable(getattr(plugin, "state_dict", None)) and callable(getattr(plugin, "load_state_dict", None))
+    return callable(getattr(plugin, "state_dict", None)) and callable(
+        getattr(plugin, "load_state_dict", None)
+    )
 
 
 def plugin_state(plugin: Any) -> dict[str, Any] | None:
@@ -237,6 +247,11 @@ def load_plugin_state(plugin: Any, state: Mapping[str, Any] | None) -> None:
     """Load a state returned by :func:`plugin_state` into a freshly built plugin."""
     if plugin is None:
         return
+    if state is None:
+        raise CheckpointError(
+            f"the checkpoint has no state for {type(plugin).__name__}; it was written by a "
+            "different strategy, so start over with resume=false"
+        )
     if callable(getattr(plugin, "load_state_dict", None)):
         plugin.load_state_dict(state)
     elif isinstance(plugin, AvalancheEWCPlugin):
@@ -252,17 +267,23 @@ def load_plugin_state(plugin: Any, state: Mapping[str, Any] | None) -> None:
         plugin.consolidation_seconds = list(state["consolidation_seconds"])
         plugin.last_penalty = state["last_penalty"]
     else:
-        raise CheckpointError(f"{type(plugin).__name__} has no state_dict and load_state_dict methods")
+        raise CheckpointError(
+            f"{type(plugin).__name__} has no state_dict and load_state_dict methods"
+        )
 
 
 def _param_data_state(values: Mapping[int, Mapping[str, ParamData]]) -> dict[int, dict[str, Any]]:
     return {
-        int(experience): {key: {"name": data.name, "value": data.data} for key, data in entries.items()}
+        int(experience): {
+            key: {"name": data.name, "value": data.data} for key, data in entries.items()
+        }
         for experience, entries in values.items()
     }
 
 
-def _param_data_from_state(state: Mapping[int, Mapping[str, Any]]) -> dict[int, dict[str, ParamData]]:
+def _param_data_from_state(
+    state: Mapping[int, Mapping[str, Any]],
+) -> dict[int, dict[str, ParamData]]:
     return {
         int(experience): {
             key: ParamData(entry["name"], init_tensor=entry["value"], device=entry["value"].device)

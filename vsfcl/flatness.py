@@ -15,8 +15,8 @@ its offset is NaN and the direction's flatness is NaN.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import Tensor

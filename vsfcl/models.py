@@ -8,7 +8,8 @@ can be chosen by name: in a network with two hidden layers,
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from avalanche.models import MultiTaskModule

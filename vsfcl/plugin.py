@@ -16,8 +16,9 @@ import fnmatch
 import logging
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 import torch
 from avalanche.core import SupervisedPlugin
@@ -50,7 +51,9 @@ class Consolidation:
     seconds: float = 0.0
 
 
-def select_parameters(model: nn.Module, patterns: Sequence[str] | None) -> list[tuple[str, nn.Parameter]]:
+def select_parameters(
+    model: nn.Module, patterns: Sequence[str] | None
+) -> list[tuple[str, nn.Parameter]]:
     """Return the named parameters whose names match any of the ``fnmatch`` patterns.
 
     ``None`` selects every parameter. A pattern that matches nothing raises, so that a
@@ -340,7 +343,13 @@ class FlatnessPlugin(SupervisedPlugin):
             inputs, targets, tasks = self._profile_batch(strategy)
             if self.stiffness_source == "flatness":
                 stiffness = self._stiffness_from_flatness(
-                    strategy, parameters, anchor, directions, variances, (inputs, targets, tasks), consolidation
+                    strategy,
+                    parameters,
+                    anchor,
+                    directions,
+                    variances,
+                    (inputs, targets, tasks),
+                    consolidation,
                 )
             else:
                 stiffness = self._stiffness_from_hessian(
@@ -349,7 +358,9 @@ class FlatnessPlugin(SupervisedPlugin):
 
         consolidation.stiffness = stiffness.tolist()
         self.penalty.add(
-            SharpSubspace(anchor=anchor, directions=directions, stiffness=stiffness, experience=experience)
+            SharpSubspace(
+                anchor=anchor, directions=directions, stiffness=stiffness, experience=experience
+            )
         )
         return consolidation
 
@@ -391,7 +402,7 @@ class FlatnessPlugin(SupervisedPlugin):
         def loss_along(direction_index: Tensor, offsets: Tensor) -> Tensor:
             values = [
                 loss_at(anchor + float(o) * directions[int(i)])
-                for i, o in zip(direction_index.tolist(), offsets.tolist())
+                for i, o in zip(direction_index.tolist(), offsets.tolist(), strict=False)
             ]
             return torch.tensor(values, dtype=torch.float64)
 
@@ -417,13 +428,16 @@ class FlatnessPlugin(SupervisedPlugin):
 
         # A censored direction is at least as flat as the searched range.
         flatness = torch.where(
-            result.censored, torch.full_like(result.flatness, 2.0 * self.profile_max_offset), result.flatness
+            result.censored,
+            torch.full_like(result.flatness, 2.0 * self.profile_max_offset),
+            result.flatness,
         )
         consolidation.loss0 = loss0
         consolidation.n_censored = int(result.censored.sum())
         consolidation.n_loss_evaluations = result.n_evaluations
         consolidation.flatness = [
-            None if bool(c) else float(f) for f, c in zip(result.flatness, result.censored)
+            None if bool(c) else float(f)
+            for f, c in zip(result.flatness, result.censored, strict=False)
         ]
         return curvature_from_flatness(flatness, loss0).to(anchor.device, anchor.dtype)
 
@@ -450,5 +464,7 @@ class FlatnessPlugin(SupervisedPlugin):
         curvature = torch.stack(curvatures)
         negative = int((curvature < 0).sum())
         if negative:
-            log.warning("%d directions have negative curvature; their stiffness is set to 0", negative)
+            log.warning(
+                "%d directions have negative curvature; their stiffness is set to 0", negative
+            )
         return curvature.clamp_min(0.0)

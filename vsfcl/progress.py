@@ -27,7 +27,9 @@ class ProgressBar(SupervisedPlugin):
     def before_training_exp(self, strategy: Any, **kwargs: Any) -> None:
         total = strategy.train_epochs * len(strategy.dataloader)
         experience = getattr(strategy.experience, "current_experience", "joint")
-        self._bar = tqdm(total=total, desc=f"experience {experience}", unit="it", disable=self.disable)
+        self._bar = tqdm(
+            total=total, desc=f"experience {experience}", unit="it", disable=self.disable
+        )
 
     def after_training_iteration(self, strategy: Any, **kwargs: Any) -> None:
         if self._bar is None:

@@ -106,7 +106,10 @@ class SubspacePenalty:
 
     def add(self, subspace: SharpSubspace) -> None:
         """Append a past experience's subspace to the penalty."""
-        if self._directions is not None and subspace.directions.shape[1] != self._directions.shape[1]:
+        if (
+            self._directions is not None
+            and subspace.directions.shape[1] != self._directions.shape[1]
+        ):
             raise ValueError(
                 f"subspace has {subspace.directions.shape[1]} parameters but earlier ones have "
                 f"{self._directions.shape[1]}; the regularized parameter set must not change"
@@ -126,7 +129,7 @@ class SubspacePenalty:
         self._targets = torch.cat([s.directions @ s.anchor for s in self.subspaces])
         self._stiffness = torch.cat([s.stiffness for s in self.subspaces])
 
-    def to(self, device: torch.device | str) -> "SubspacePenalty":
+    def to(self, device: torch.device | str) -> SubspacePenalty:
         if self._directions is not None:
             self._directions = self._directions.to(device)
             self._targets = self._targets.to(device)  # type: ignore[union-attr]
@@ -135,17 +138,19 @@ class SubspacePenalty:
 
     def __call__(self, weights: Tensor) -> Tensor:
         """Evaluate the penalty (without ``lambda``) at flattened weights of shape (n_params,)."""
-        if self._directions is None:
+        directions, targets, stiffness = self._directions, self._targets, self._stiffness
+        if directions is None or targets is None or stiffness is None:
             return weights.new_zeros(())
-        displacement = self._directions @ weights - self._targets  # (n_rows,)
-        return 0.5 * torch.sum(self._stiffness * displacement.pow(2))
+        displacement = directions @ weights - targets  # (n_rows,)
+        return 0.5 * torch.sum(stiffness * displacement.pow(2))
 
     def gradient(self, weights: Tensor) -> Tensor:
         """Analytic gradient ``sum_i k_i (p_i . (w - w*)) p_i`` of shape (n_params,)."""
-        if self._directions is None:
+        directions, targets, stiffness = self._directions, self._targets, self._stiffness
+        if directions is None or targets is None or stiffness is None:
             return torch.zeros_like(weights)
-        displacement = self._directions @ weights - self._targets
-        return (self._stiffness * displacement) @ self._directions
+        displacement = directions @ weights - targets
+        return (stiffness * displacement) @ directions
 
 
 def stiffness_from_variance(variances: Tensor, psi: float = 4.0) -> Tensor:

@@ -35,7 +35,15 @@ SUMMARY_FILE = "summary.json"
 
 # Config keys that do not change what a run measures (paths, resuming, the progress
 # bar), left out of the grouping like the seed. Extend with --ignore-key.
-IGNORED_CONFIG_KEYS = ("seed", "data_root", "progress_bar", "resume", "keep_checkpoint", "num_threads", "wandb")
+IGNORED_CONFIG_KEYS = (
+    "seed",
+    "data_root",
+    "progress_bar",
+    "resume",
+    "keep_checkpoint",
+    "num_threads",
+    "wandb",
+)
 
 _RESULTS_FIELDS = (
     "strategy",

@@ -19,8 +19,9 @@ Scenarios (van de Ven and Tolias, 2019; Hsu et al., 2018):
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -51,11 +52,11 @@ class ExperienceTensors:
     def __len__(self) -> int:
         return int(self.y.shape[0])
 
-    def to(self, device: torch.device | str) -> "ExperienceTensors":
+    def to(self, device: torch.device | str) -> ExperienceTensors:
         return ExperienceTensors(self.x.to(device), self.y.to(device), self.t.to(device))
 
     @staticmethod
-    def concatenate(parts: Sequence["ExperienceTensors"]) -> "ExperienceTensors":
+    def concatenate(parts: Sequence[ExperienceTensors]) -> ExperienceTensors:
         return ExperienceTensors(
             torch.cat([p.x for p in parts]),
             torch.cat([p.y for p in parts]),
@@ -88,7 +89,7 @@ class TensorBenchmark:
     def n_experiences(self) -> int:
         return len(self.streams["train"])
 
-    def to(self, device: torch.device | str) -> "TensorBenchmark":
+    def to(self, device: torch.device | str) -> TensorBenchmark:
         moved = {name: [e.to(device) for e in exps] for name, exps in self.streams.items()}
         return TensorBenchmark(self.name, moved, self.n_classes, self.n_heads)
 
@@ -163,8 +164,7 @@ def split_mnist(
         )
     if n_experiences < 1 or 10 % n_experiences != 0:
         raise ValueError(
-            f"n_experiences={n_experiences} does not divide the 10 MNIST classes; "
-            "use 1, 2, 5 or 10"
+            f"n_experiences={n_experiences} does not divide the 10 MNIST classes; use 1, 2, 5 or 10"
         )
     _check_common(valid_fraction, train_samples, test_samples)
     order = list(range(10)) if class_order is None else [int(c) for c in class_order]

@@ -171,7 +171,9 @@ class Session:
 class Progress:
     """Results of the phases finished so far; the part of ``results.json`` a checkpoint keeps."""
 
-    matrices: dict[str, list[list[float]]] = field(default_factory=lambda: {"test": [], "valid": []})
+    matrices: dict[str, list[list[float]]] = field(
+        default_factory=lambda: {"test": [], "valid": []}
+    )
     train_seconds: list[float] = field(default_factory=list)
 
     @property
@@ -214,7 +216,11 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     progress = Progress()
     if saved is not None:
         _restore(session, progress, saved)
-        log.info("resumed from %s after %d finished phase(s)", run_dir / CHECKPOINT_FILE, progress.n_phases_done)
+        log.info(
+            "resumed from %s after %d finished phase(s)",
+            run_dir / CHECKPOINT_FILE,
+            progress.n_phases_done,
+        )
     checkpointing = supports_checkpoint(session.method_plugin)
     if not checkpointing:
         # NOTE: such a run cannot resume; it starts over when started again.
@@ -228,9 +234,13 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         for index in range(progress.n_phases_done, len(session.phases)):
             _train_phase(session, progress, session.phases[index], benchmark.n_experiences)
             if checkpointing:
-                save_checkpoint(run_dir / CHECKPOINT_FILE, _checkpoint_state(options, session, progress))
+                save_checkpoint(
+                    run_dir / CHECKPOINT_FILE, _checkpoint_state(options, session, progress)
+                )
     except Exception as error:
-        partial = _results(cfg, benchmark, progress, session, error=f"{type(error).__name__}: {error}")
+        partial = _results(
+            cfg, benchmark, progress, session, error=f"{type(error).__name__}: {error}"
+        )
         write_json_atomic(results_path, partial)
         raise
 
@@ -242,7 +252,11 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
 
 
 def _build_session(
-    cfg: DictConfig, options: dict[str, Any], benchmark: TensorBenchmark, run_dir: Path, device: torch.device
+    cfg: DictConfig,
+    options: dict[str, Any],
+    benchmark: TensorBenchmark,
+    run_dir: Path,
+    device: torch.device,
 ) -> Session:
     scenario = to_avalanche(benchmark)
     model = build_mlp(
@@ -253,7 +267,9 @@ def _build_session(
     )
 
     strategy_options = dict(options["strategy"])
-    guard = DivergenceGuard(("optimizer.lr", float(cfg.optimizer.lr)), strength_setting(strategy_options))
+    guard = DivergenceGuard(
+        ("optimizer.lr", float(cfg.optimizer.lr)), strength_setting(strategy_options)
+    )
     clock = ConsolidationClock()
     progress_bar = ProgressBar(disable=not cfg.progress_bar)
     built = build_strategy(
@@ -336,7 +352,9 @@ def _finished_results(options: dict[str, Any], run_dir: Path) -> dict[str, Any] 
     return previous
 
 
-def _checkpoint_to_resume(options: dict[str, Any], run_dir: Path, device: torch.device) -> dict[str, Any] | None:
+def _checkpoint_to_resume(
+    options: dict[str, Any], run_dir: Path, device: torch.device
+) -> dict[str, Any] | None:
     """Load the checkpoint to resume from, according to ``resume``, after checking its config."""
     path = run_dir / CHECKPOINT_FILE
     if options["resume"] is False or not path.exists():
@@ -357,7 +375,9 @@ def _checkpoint_to_resume(options: dict[str, Any], run_dir: Path, device: torch.
     return saved
 
 
-def _checkpoint_state(options: dict[str, Any], session: Session, progress: Progress) -> dict[str, Any]:
+def _checkpoint_state(
+    options: dict[str, Any], session: Session, progress: Progress
+) -> dict[str, Any]:
     return {
         "format_version": FORMAT_VERSION,
         "config": options,
@@ -375,7 +395,9 @@ def _restore(session: Session, progress: Progress, saved: dict[str, Any]) -> Non
     restore_strategy_state(session.strategy, saved["strategy"])
     load_plugin_state(session.method_plugin, saved["method_plugin"])
     session.clock.seconds = list(saved["consolidation_seconds"])
-    progress.matrices = {name: [list(row) for row in rows] for name, rows in saved["matrices"].items()}
+    progress.matrices = {
+        name: [list(row) for row in rows] for name, rows in saved["matrices"].items()
+    }
     progress.train_seconds = list(saved["train_seconds"])
     restore_rng_state(saved["rng"])
 
@@ -483,7 +505,9 @@ def main(cfg: DictConfig) -> float:
             # Hydra records the failed job, runs the others and exits non-zero at the end.
             raise
         raise SystemExit(1) from None
-    print(f"\naccuracy matrix ({results['strategy']}, test):\n{format_matrix(results['accuracy_matrix'])}")
+    print(
+        f"\naccuracy matrix ({results['strategy']}, test):\n{format_matrix(results['accuracy_matrix'])}"
+    )
     print(format_table([results]))
     print(f"results: {run_dir / RESULTS_FILE}")
     return float(results["acc"])

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import math
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, TypeGuard
 
 import torch
 from avalanche.core import SupervisedPlugin
@@ -29,7 +30,13 @@ RESUME_MODES = ("auto", True, False)
 # Types of the strategy options that the strategy builders convert without checking
 # (int("abc") raises a ValueError that does not name the key).
 _INTEGER_OPTIONS = ("n_directions", "n_snapshots", "profile_samples")
-_NUMBER_OPTIONS = ("window_fraction", "psi", "profile_max_offset", "profile_rtol", "profile_initial_step")
+_NUMBER_OPTIONS = (
+    "window_fraction",
+    "psi",
+    "profile_max_offset",
+    "profile_rtol",
+    "profile_initial_step",
+)
 _POSITIVE_OPTIONS = ("profile_rtol",)
 
 # Config keys of the penalty strength (lambda) per strategy option name, for the
@@ -60,7 +67,9 @@ def resolve_device(requested: str) -> torch.device:
         try:
             return torch.device(requested)
         except RuntimeError as error:
-            raise ConfigError(f"device={requested!r} is invalid ({error}); use cuda or cuda:N") from None
+            raise ConfigError(
+                f"device={requested!r} is invalid ({error}); use cuda or cuda:N"
+            ) from None
     raise ConfigError(f"device={requested!r} is invalid; use auto, cpu, cuda or cuda:N")
 
 
@@ -69,17 +78,18 @@ def resolve_device(requested: str) -> torch.device:
 # ---------------------------------------------------------------------------
 
 
-def _is_integer(value: Any) -> bool:
+def _is_integer(value: Any) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _is_number(value: Any) -> bool:
+def _is_number(value: Any) -> TypeGuard[float]:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _require_count(key: str, value: Any, minimum: int = 1) -> None:
+def _require_count(key: str, value: Any, minimum: int = 1) -> int:
     if not _is_integer(value) or value < minimum:
         raise ConfigError(f"{key}={value!r} is invalid; it must be an integer >= {minimum}")
+    return value
 
 
 def _require_bool(key: str, value: Any) -> None:
@@ -108,7 +118,9 @@ def validate_config(options: Mapping[str, Any], run_dir: Path) -> None:
     wandb = options.get("wandb") or {}
     _require_bool("wandb.enabled", wandb.get("enabled"))
     if wandb.get("mode") not in ("online", "offline", "disabled"):
-        raise ConfigError(f"wandb.mode={wandb.get('mode')!r} is invalid; use online, offline or disabled")
+        raise ConfigError(
+            f"wandb.mode={wandb.get('mode')!r} is invalid; use online, offline or disabled"
+        )
     if options.get("resume") not in RESUME_MODES:
         raise ConfigError(
             f"resume={options.get('resume')!r} is invalid; use auto (continue from a checkpoint "
@@ -126,9 +138,10 @@ def validate_config(options: Mapping[str, Any], run_dir: Path) -> None:
 def _validate_benchmark_options(benchmark: Mapping[str, Any]) -> None:
     name = benchmark.get("name")
     if name not in BENCHMARKS:
-        raise ConfigError(f"benchmark.name={name!r} is unknown; choose one of {', '.join(BENCHMARKS)}")
-    n_experiences = benchmark.get("n_experiences")
-    _require_count("benchmark.n_experiences", n_experiences)
+        raise ConfigError(
+            f"benchmark.name={name!r} is unknown; choose one of {', '.join(BENCHMARKS)}"
+        )
+    n_experiences = _require_count("benchmark.n_experiences", benchmark.get("n_experiences"))
     if name == "split_mnist":
         if 10 % n_experiences != 0:
             raise ConfigError(
@@ -142,10 +155,14 @@ def _validate_benchmark_options(benchmark: Mapping[str, Any]) -> None:
             )
         order = benchmark.get("class_order")
         if order is not None and sorted(order) != list(range(10)):
-            raise ConfigError(f"benchmark.class_order={order!r} is invalid; it must be a permutation of 0..9")
+            raise ConfigError(
+                f"benchmark.class_order={order!r} is invalid; it must be a permutation of 0..9"
+            )
     fraction = benchmark.get("valid_fraction")
     if not _is_number(fraction) or not 0.0 <= fraction < 1.0:
-        raise ConfigError(f"benchmark.valid_fraction={fraction!r} is out of range; it must be in [0, 1)")
+        raise ConfigError(
+            f"benchmark.valid_fraction={fraction!r} is out of range; it must be in [0, 1)"
+        )
     for key in ("train_samples", "test_samples"):
         value = benchmark.get(key)
         if value is not None:
@@ -161,7 +178,9 @@ def _validate_model_options(model: Mapping[str, Any]) -> None:
         )
     activation = model.get("activation")
     if activation not in ACTIVATIONS:
-        raise ConfigError(f"model.activation={activation!r} is invalid; use one of {', '.join(ACTIVATIONS)}")
+        raise ConfigError(
+            f"model.activation={activation!r} is invalid; use one of {', '.join(ACTIVATIONS)}"
+        )
 
 
 def _validate_optimizer_options(optimizer: Mapping[str, Any]) -> None:
@@ -177,13 +196,17 @@ def _validate_strategy_options(strategy: Mapping[str, Any], seed: int) -> None:
     options = dict(strategy)
     name = options.pop("name", None)
     if name not in STRATEGIES:
-        raise ConfigError(f"strategy.name={name!r} is unknown; choose one of {', '.join(STRATEGIES)}")
+        raise ConfigError(
+            f"strategy.name={name!r} is unknown; choose one of {', '.join(STRATEGIES)}"
+        )
     for key in _INTEGER_OPTIONS:
         if key in options and not _is_integer(options[key]):
             raise ConfigError(f"strategy.{key}={options[key]!r} is invalid; it must be an integer")
     for key in _NUMBER_OPTIONS:
         if key in options and not _is_number(options[key]):
-            raise ConfigError(f"strategy.{key}={options[key]!r} is invalid; it must be a finite number")
+            raise ConfigError(
+                f"strategy.{key}={options[key]!r} is invalid; it must be a finite number"
+            )
     for key in _POSITIVE_OPTIONS:
         if key in options and options[key] <= 0:
             raise ConfigError(f"strategy.{key}={options[key]!r} is out of range; it must be > 0")
@@ -196,7 +219,9 @@ def _validate_strategy_options(strategy: Mapping[str, Any], seed: int) -> None:
 
 def _validate_data_root(data_root: Any) -> None:
     if data_root is not None and not isinstance(data_root, str):
-        raise ConfigError(f"data_root={data_root!r} is invalid; it must be a directory path or null")
+        raise ConfigError(
+            f"data_root={data_root!r} is invalid; it must be a directory path or null"
+        )
     raw_dir = mnist_raw_dir(data_root)
     if all((raw_dir / name).is_file() for name in MNIST_MD5):
         return  # Checksummed when loaded; a read-only root is fine.
@@ -274,7 +299,9 @@ class DivergenceGuard(SupervisedPlugin):
         Config key and value of the penalty strength (lambda), if the strategy has one.
     """
 
-    def __init__(self, learning_rate: tuple[str, float], strength: tuple[str, float] | None = None) -> None:
+    def __init__(
+        self, learning_rate: tuple[str, float], strength: tuple[str, float] | None = None
+    ) -> None:
         super().__init__()
         self.learning_rate = learning_rate
         self.strength = strength
@@ -311,7 +338,9 @@ class DivergenceGuard(SupervisedPlugin):
         else:
             value = f"the loss is {total} (data loss {self._data_loss}, penalty {penalty})"
         penalty_at_fault = penalty is not None and math.isfinite(self._data_loss)
-        raise DivergenceError(f"training diverged in {where}: {value}; " + self._advice(penalty_at_fault))
+        raise DivergenceError(
+            f"training diverged in {where}: {value}; " + self._advice(penalty_at_fault)
+        )
 
     def _advice(self, penalty_at_fault: bool) -> str:
         lr_key, lr = self.learning_rate
@@ -336,4 +365,3 @@ def strength_setting(strategy: Mapping[str, Any]) -> tuple[str, float] | None:
         if _is_number(strategy.get(key)):
             return f"strategy.{key}", float(strategy[key])
     return None
-

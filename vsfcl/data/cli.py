@@ -33,7 +33,9 @@ def _parse_timeout(text: str) -> float:
     except ValueError:
         seconds = math.nan
     if not seconds > 0 or math.isinf(seconds):
-        raise argparse.ArgumentTypeError(f"invalid timeout {text!r}: use a positive number of seconds")
+        raise argparse.ArgumentTypeError(
+            f"invalid timeout {text!r}: use a positive number of seconds"
+        )
     return seconds
 
 

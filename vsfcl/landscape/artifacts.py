@@ -39,7 +39,8 @@ def save_arrays(path: str | os.PathLike[str], **arrays: Any) -> Path:
     descriptor, temporary = _atomic_target(path)
     try:
         with os.fdopen(descriptor, "wb") as handle:
-            np.savez(handle, **converted)
+            # NumPy's stubs read the keyword arrays as its allow_pickle flag.
+            np.savez(handle, **converted)  # type: ignore[arg-type]
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)

@@ -18,7 +18,6 @@ from omegaconf import DictConfig, OmegaConf
 
 import vsfcl
 from vsfcl.landscape.exploration import ExplorationCriterion
-from vsfcl.landscape.theory import settings_from_mapping
 from vsfcl.landscape.pipeline import (
     AnalysisSettings,
     LandscapeSettings,
@@ -26,6 +25,7 @@ from vsfcl.landscape.pipeline import (
     WindowSettings,
     run_landscape,
 )
+from vsfcl.landscape.theory import settings_from_mapping
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,9 @@ def main(cfg: DictConfig) -> None:
     settings = settings_from_config(cfg)
     if cfg.num_threads is not None:
         if int(cfg.num_threads) < 1:
-            raise ValueError(f"num_threads={cfg.num_threads} must be at least 1, or null for PyTorch's default")
+            raise ValueError(
+                f"num_threads={cfg.num_threads} must be at least 1, or null for PyTorch's default"
+            )
         torch.set_num_threads(int(cfg.num_threads))
     make_optimizer = instantiate(cfg.optimizer)
     output_dir = Path(HydraConfig.get().runtime.output_dir)

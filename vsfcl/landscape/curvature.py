@@ -13,8 +13,8 @@ tests that scaling on the measured landscape.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -55,7 +55,7 @@ def hessian_quadratic_forms(
     for term in loss_terms:
         gradient = grad(term)
 
-        def hvp(tangent: Tensor) -> Tensor:
+        def hvp(tangent: Tensor, gradient: Callable[[Tensor], Tensor] = gradient) -> Tensor:
             return jvp(gradient, (center,), (tangent,))[1]
 
         batched_hvp = vmap(hvp)
@@ -92,7 +92,9 @@ class CurvatureFlatnessComparison:
     n_nonpositive: int
 
 
-def compare_curvature_with_flatness(curvature: Tensor, flatness: Tensor) -> CurvatureFlatnessComparison:
+def compare_curvature_with_flatness(
+    curvature: Tensor, flatness: Tensor
+) -> CurvatureFlatnessComparison:
     """Fit ``log(p_i^T H p_i)`` against ``log F_i`` over directions where both are defined.
 
     The slope and correlation are NaN when fewer than 3 directions qualify or their

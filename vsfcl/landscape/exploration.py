@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -62,9 +62,7 @@ class ExplorationCriterion:
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.max_train_error <= 1.0:
-            raise ValueError(
-                f"max_train_error={self.max_train_error} must be a fraction in [0, 1]"
-            )
+            raise ValueError(f"max_train_error={self.max_train_error} must be a fraction in [0, 1]")
         if not 0 <= self.min_epochs <= self.max_epochs:
             raise ValueError(
                 f"min_epochs={self.min_epochs} and max_epochs={self.max_epochs} need "
@@ -94,7 +92,9 @@ class TrainingHistory:
     iterations: int = 0
 
 
-def evaluate(model: nn.Module, inputs: Tensor, targets: Tensor, chunk_size: int = 8192) -> tuple[float, float]:
+def evaluate(
+    model: nn.Module, inputs: Tensor, targets: Tensor, chunk_size: int = 8192
+) -> tuple[float, float]:
     """Return the mean cross-entropy and the error rate of ``model`` on a whole set."""
     was_training = model.training
     model.eval()
@@ -182,7 +182,12 @@ def train_to_exploration(
     for epoch in range(1, criterion.max_epochs + 1):
         start = time.perf_counter()
         history.iterations = train_epoch(
-            model, optimizer, data.train_inputs, data.train_targets, batch_size, generator,
+            model,
+            optimizer,
+            data.train_inputs,
+            data.train_targets,
+            batch_size,
+            generator,
             first_iteration=history.iterations,
         )
         record = _record_epoch(history, model, data, epoch, time.perf_counter() - start)
@@ -233,7 +238,13 @@ def train_window(
     for epoch in range(first_epoch, first_epoch + n_epochs):
         start = time.perf_counter()
         history.iterations = train_epoch(
-            model, optimizer, data.train_inputs, data.train_targets, batch_size, generator,
-            first_iteration=history.iterations, after_step=after_step,
+            model,
+            optimizer,
+            data.train_inputs,
+            data.train_targets,
+            batch_size,
+            generator,
+            first_iteration=history.iterations,
+            after_step=after_step,
         )
         _record_epoch(history, model, data, epoch, time.perf_counter() - start)

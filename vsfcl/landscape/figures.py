@@ -7,8 +7,8 @@ global state, so they can be called on saved results as well.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import matplotlib
 
@@ -102,7 +102,7 @@ def plot_trajectory_planes(
     pairs = [(i, j) for i, j in pairs if max(i, j) <= n_components]
     figure, axes_row = plt.subplots(1, max(len(pairs), 1), figsize=(4.4 * max(len(pairs), 1), 4.0))
     axes_list = np.atleast_1d(axes_row)
-    for axes, (i, j) in zip(axes_list, pairs):
+    for axes, (i, j) in zip(axes_list, pairs, strict=False):
         points = axes.scatter(
             projections[:, i - 1], projections[:, j - 1], c=iterations, s=3, cmap="viridis"
         )
@@ -136,7 +136,7 @@ def plot_loss_profiles(
         0-based direction index of each profile; labels show them 1-based.
     """
     figure, axes = plt.subplots(figsize=(5.8, 4.4))
-    for index, profile in zip(direction_indices, np.asarray(profiles, dtype=float)):
+    for index, profile in zip(direction_indices, np.asarray(profiles, dtype=float), strict=False):
         axes.semilogy(offsets, profile, "-", linewidth=1.2, label=f"i = {index + 1}")
     axes.axhline(level, color="black", linestyle="--", linewidth=1, label=r"$e\,L_0$")
     axes.axhline(loss0, color="gray", linestyle=":", linewidth=1, label=r"$L_0$")
@@ -160,7 +160,11 @@ def plot_variance_flatness(
     index = np.arange(1, variances.shape[0] + 1)
     figure, axes = plt.subplots(figsize=(5.5, 4.2))
     points = axes.scatter(
-        flatness[finite], variances[finite], c=index[finite], s=10, cmap="viridis",
+        flatness[finite],
+        variances[finite],
+        c=index[finite],
+        s=10,
+        cmap="viridis",
         norm=matplotlib.colors.LogNorm(),
     )
     figure.colorbar(points, ax=axes, label="rank i")
@@ -170,9 +174,7 @@ def plot_variance_flatness(
     if fit is not None and finite.any():
         line = np.geomspace(flatness[finite].min(), flatness[finite].max(), 50)
         low, high = fit.psi_ci
-        interval = (
-            f" [{low:.2f}, {high:.2f}]" if math.isfinite(low) and math.isfinite(high) else ""
-        )
+        interval = f" [{low:.2f}, {high:.2f}]" if math.isfinite(low) and math.isfinite(high) else ""
         axes.plot(
             line,
             np.exp(fit.intercept) * line ** (-fit.psi),
@@ -188,7 +190,9 @@ def plot_variance_flatness(
     return _save(figure, path)
 
 
-def plot_curvature_flatness(curvature: np.ndarray, flatness: np.ndarray, loss0: float, path: Path) -> Path:
+def plot_curvature_flatness(
+    curvature: np.ndarray, flatness: np.ndarray, loss0: float, path: Path
+) -> Path:
     """Draw Hessian curvature ``p_i^T H p_i`` against ``F_i`` with the quadratic ``8 (e-1) L_0 / F^2``."""
     curvature = np.asarray(curvature, dtype=float)
     flatness = np.asarray(flatness, dtype=float)
@@ -197,8 +201,13 @@ def plot_curvature_flatness(curvature: np.ndarray, flatness: np.ndarray, loss0: 
     axes.loglog(flatness[usable], curvature[usable], ".", label=r"$p_i^T H p_i$")
     if usable.any():
         line = np.geomspace(flatness[usable].min(), flatness[usable].max(), 50)
-        axes.loglog(line, 8 * (math.e - 1) * loss0 / line**2, "--", color="C3",
-                    label=r"quadratic: $8(e-1)L_0/F^2$")
+        axes.loglog(
+            line,
+            8 * (math.e - 1) * loss0 / line**2,
+            "--",
+            color="C3",
+            label=r"quadratic: $8(e-1)L_0/F^2$",
+        )
     _label_log_axis(axes.xaxis)
     axes.set_xlabel(r"flatness $F_i$ (weight units)")
     axes.set_ylabel("curvature (loss / weight units$^2$)")

@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -115,7 +115,7 @@ class WindowSettings:
     window_epochs: int = 10
     snapshot_interval: int = 10
     parameters: tuple[str, ...] | str = ("features.fc2.weight",)
-    snapshot_dtype: str = "float32"
+    snapshot_dtype: Literal["float32", "float16"] = "float32"
     coordinate_stride: int = 1
     max_buffer_gib: float = 2.0
 
@@ -207,11 +207,15 @@ def resolve_device(device: str) -> torch.device:
     if device not in ("cpu", "cuda"):
         raise ValueError(f"device={device!r} is invalid; use 'auto', 'cpu' or 'cuda'")
     if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device='cuda' was requested but CUDA is not available; use 'auto' or 'cpu'")
+        raise ValueError(
+            "device='cuda' was requested but CUDA is not available; use 'auto' or 'cpu'"
+        )
     return torch.device(device)
 
 
-def load_classification_data(settings: TrainingSettings, device: torch.device) -> ClassificationData:
+def load_classification_data(
+    settings: TrainingSettings, device: torch.device
+) -> ClassificationData:
     """Load MNIST, scale pixels to [0, 1], flatten to 784 features and move to ``device``."""
     from vsfcl.data.mnist import load_mnist
 
@@ -284,7 +288,9 @@ def run_landscape(
         data.test_inputs.shape[0],
         device,
     )
-    model = MLP(data.train_inputs.shape[1], training.hidden_sizes, 10, training.activation).to(device)
+    model = MLP(data.train_inputs.shape[1], training.hidden_sizes, 10, training.activation).to(
+        device
+    )
     optimizer = make_optimizer(model.parameters())
     generator = torch.Generator().manual_seed(training.seed)
 
@@ -299,8 +305,15 @@ def run_landscape(
     clock = time.perf_counter()
     recorder = _make_recorder(model, settings, data.train_inputs.shape[0])
     train_window(
-        model, optimizer, data, training.batch_size, settings.window.window_epochs,
-        settings.window.snapshot_interval, recorder.record, history, generator,
+        model,
+        optimizer,
+        data,
+        training.batch_size,
+        settings.window.window_epochs,
+        settings.window.snapshot_interval,
+        recorder.record,
+        history,
+        generator,
     )
     timing["window_seconds"] = time.perf_counter() - clock
 
@@ -312,14 +325,20 @@ def run_landscape(
     figure_paths = _draw_figures(output_dir, recorder, analysis, settings.analysis)
     timing["output_seconds"] = time.perf_counter() - clock
 
-    theory_summary = _analyse_theory(model, recorder, data, settings, analysis, output_dir, figure_paths, timing)
+    theory_summary = _analyse_theory(
+        model, recorder, data, settings, analysis, output_dir, figure_paths, timing
+    )
     timing["total_seconds"] = time.perf_counter() - started
     summary = build_summary(settings, history, recorder, analysis, figure_paths, timing, device)
     summary.update(theory_summary)
     write_json(output_dir / "summary.json", summary)
     log.info(
         "Summary: gamma=%s, n90=%s, psi=%s, psi_ci=%s; outputs in %s",
-        summary["gamma"], summary["n90"], summary["psi"], summary["psi_ci"], output_dir,
+        summary["gamma"],
+        summary["n90"],
+        summary["psi"],
+        summary["psi_ci"],
+        output_dir,
     )
     return summary
 
@@ -398,11 +417,15 @@ def _analyse_theory(
     return result
 
 
-def _make_recorder(model: nn.Module, settings: LandscapeSettings, n_train: int) -> TrajectoryRecorder:
+def _make_recorder(
+    model: nn.Module, settings: LandscapeSettings, n_train: int
+) -> TrajectoryRecorder:
     window = settings.window
     batch_size = settings.training.batch_size
     if not 1 <= batch_size <= n_train:
-        raise ValueError(f"batch_size={batch_size} must be between 1 and the {n_train} training samples")
+        raise ValueError(
+            f"batch_size={batch_size} must be between 1 and the {n_train} training samples"
+        )
     if window.snapshot_interval < 1:
         raise ValueError(f"snapshot_interval={window.snapshot_interval} must be at least 1")
     iterations = window.window_epochs * (n_train // batch_size)
@@ -438,7 +461,10 @@ def analyse_trajectory(
     timing["pca_seconds"] = time.perf_counter() - clock
     log.info(
         "PCA of %d snapshots x %d entries: sigma_1^2=%.3g, total variance %.3g",
-        snapshots.shape[0], snapshots.shape[1], float(pca.variances[0]), pca.total_variance,
+        snapshots.shape[0],
+        snapshots.shape[1],
+        float(pca.variances[0]),
+        pca.total_variance,
     )
 
     # Spectrum statistics.
@@ -452,7 +478,9 @@ def analyse_trajectory(
         spectrum_error = str(error)
         log.warning("Power-law fit of the spectrum failed: %s", error)
     cumulative = cumulative_variance_excluding_first(pca.variances, pca.total_variance)
-    n_at_fraction = components_to_fraction(pca.variances, pca.total_variance, settings.cumulative_fraction)
+    n_at_fraction = components_to_fraction(
+        pca.variances, pca.total_variance, settings.cumulative_fraction
+    )
     drift = drift_statistics(pca.projections, pca.directions, pca.mean, snapshots)
 
     # Loss profiles and flatness at the time-averaged weights.
@@ -462,23 +490,38 @@ def analyse_trajectory(
     n_directions = min(settings.n_directions, pca.n_components)
     directions = recorder.embed(pca.directions[:n_directions])
     evaluator = ProfileEvaluator(
-        model, recorder.parameter_names, recorder.time_average(), directions,
-        data.train_inputs, data.train_targets,
-        max_batch=settings.max_profile_batch, chunk_size=settings.chunk_size,
+        model,
+        recorder.parameter_names,
+        recorder.time_average(),
+        directions,
+        data.train_inputs,
+        data.train_targets,
+        max_batch=settings.max_profile_batch,
+        chunk_size=settings.chunk_size,
         response_cache_bytes=int(settings.response_cache_mib * 1024**2),
     )
     clock = time.perf_counter()
     loss0 = evaluator.center_loss()
-    initial_step = (settings.initial_step_scale * pca.variances[:n_directions].double().sqrt()).clamp_min(1e-8)
+    initial_step = (
+        settings.initial_step_scale * pca.variances[:n_directions].double().sqrt()
+    ).clamp_min(1e-8)
     flatness = find_flatness(
-        evaluator.loss_along(), n_directions, loss0, initial_step.cpu(), settings.max_offset,
+        evaluator.loss_along(),
+        n_directions,
+        loss0,
+        initial_step.cpu(),
+        settings.max_offset,
         rtol=settings.flatness_rtol,
     )
     timing["flatness_seconds"] = time.perf_counter() - clock
     n_censored = int(flatness.censored.sum())
     log.info(
         "Flatness of %d directions: L_0=%.5g, %d censored, %d loss evaluations in %.1f s",
-        n_directions, loss0, n_censored, flatness.n_evaluations, timing["flatness_seconds"],
+        n_directions,
+        loss0,
+        n_censored,
+        flatness.n_evaluations,
+        timing["flatness_seconds"],
     )
 
     # Inverse variance-flatness fit.
@@ -486,8 +529,12 @@ def analyse_trajectory(
     psi_max = settings.psi_max_index if settings.psi_max_index is not None else n_directions
     try:
         psi_fit = fit_variance_flatness(
-            pca.variances[:n_directions], flatness.flatness, settings.psi_min_index,
-            min(psi_max, n_directions), settings.bootstrap_samples, settings.ci_level,
+            pca.variances[:n_directions],
+            flatness.flatness,
+            settings.psi_min_index,
+            min(psi_max, n_directions),
+            settings.bootstrap_samples,
+            settings.ci_level,
         )
     except ValueError as error:
         psi_error = str(error)
@@ -498,20 +545,33 @@ def analyse_trajectory(
     if settings.curvature:
         clock = time.perf_counter()
         curvature = hessian_quadratic_forms(
-            evaluator.loss_terms(settings.curvature_chunk_size), evaluator.center, evaluator.directions
+            evaluator.loss_terms(settings.curvature_chunk_size),
+            evaluator.center,
+            evaluator.directions,
         )
         comparison = compare_curvature_with_flatness(curvature, flatness.flatness)
         timing["curvature_seconds"] = time.perf_counter() - clock
 
     return LandscapeAnalysis(
-        pca=pca, spectrum_fit=spectrum_fit, spectrum_fit_error=spectrum_error,
-        cumulative=cumulative, n_at_fraction=n_at_fraction, drift=drift, flatness=flatness,
-        psi_fit=psi_fit, psi_fit_error=psi_error, curvature=curvature,
-        curvature_comparison=comparison, evaluator=evaluator, n_directions=n_directions,
+        pca=pca,
+        spectrum_fit=spectrum_fit,
+        spectrum_fit_error=spectrum_error,
+        cumulative=cumulative,
+        n_at_fraction=n_at_fraction,
+        drift=drift,
+        flatness=flatness,
+        psi_fit=psi_fit,
+        psi_fit_error=psi_error,
+        curvature=curvature,
+        curvature_comparison=comparison,
+        evaluator=evaluator,
+        n_directions=n_directions,
     )
 
 
-def _save_arrays(output_dir: Path, recorder: TrajectoryRecorder, analysis: LandscapeAnalysis) -> None:
+def _save_arrays(
+    output_dir: Path, recorder: TrajectoryRecorder, analysis: LandscapeAnalysis
+) -> None:
     save_arrays(
         output_dir / "trajectory.npz",
         snapshots=recorder.trajectory(),
@@ -538,19 +598,29 @@ def _save_arrays(output_dir: Path, recorder: TrajectoryRecorder, analysis: Lands
 
 
 def _draw_figures(
-    output_dir: Path, recorder: TrajectoryRecorder, analysis: LandscapeAnalysis, settings: AnalysisSettings
+    output_dir: Path,
+    recorder: TrajectoryRecorder,
+    analysis: LandscapeAnalysis,
+    settings: AnalysisSettings,
 ) -> list[str]:
     pca = analysis.pca
     flatness = analysis.flatness
     paths = [
-        figures.plot_variance_spectrum(pca.variances.numpy(), analysis.spectrum_fit, output_dir / "spectrum.png"),
+        figures.plot_variance_spectrum(
+            pca.variances.numpy(), analysis.spectrum_fit, output_dir / "spectrum.png"
+        ),
         figures.plot_cumulative_variance(
-            analysis.cumulative.numpy(), analysis.n_at_fraction, settings.cumulative_fraction,
-            recorder.n_params, output_dir / "cumulative_variance.png",
+            analysis.cumulative.numpy(),
+            analysis.n_at_fraction,
+            settings.cumulative_fraction,
+            recorder.n_params,
+            output_dir / "cumulative_variance.png",
         ),
         figures.plot_trajectory_planes(
-            pca.projections.numpy(), recorder.iterations[: recorder.n_recorded_snapshots].numpy(),
-            settings.trajectory_planes, output_dir / "trajectory_planes.png",
+            pca.projections.numpy(),
+            recorder.iterations[: recorder.n_recorded_snapshots].numpy(),
+            settings.trajectory_planes,
+            output_dir / "trajectory_planes.png",
         ),
     ]
 
@@ -563,20 +633,28 @@ def _draw_figures(
     profiles = analysis.evaluator.profile_grid(chosen, offsets)
     paths.append(
         figures.plot_loss_profiles(
-            offsets.numpy(), profiles.numpy(), chosen, flatness.loss0, flatness.level,
+            offsets.numpy(),
+            profiles.numpy(),
+            chosen,
+            flatness.loss0,
+            flatness.level,
             output_dir / "loss_profiles.png",
         )
     )
     paths.append(
         figures.plot_variance_flatness(
-            pca.variances[: analysis.n_directions].numpy(), flatness.flatness.numpy(),
-            analysis.psi_fit, output_dir / "variance_flatness.png",
+            pca.variances[: analysis.n_directions].numpy(),
+            flatness.flatness.numpy(),
+            analysis.psi_fit,
+            output_dir / "variance_flatness.png",
         )
     )
     if analysis.curvature is not None:
         paths.append(
             figures.plot_curvature_flatness(
-                analysis.curvature.numpy(), flatness.flatness.numpy(), flatness.loss0,
+                analysis.curvature.numpy(),
+                flatness.flatness.numpy(),
+                flatness.loss0,
                 output_dir / "curvature_flatness.png",
             )
         )
@@ -611,42 +689,70 @@ def build_summary(
         return to_json_value(item, key, reasons, reason)
 
     summary: dict[str, Any] = {
-        "gamma": value("gamma", spectrum_fit.gamma if spectrum_fit else None,
-                       f"power-law fit failed: {analysis.spectrum_fit_error}"),
-        "n90": value("n90", analysis.n_at_fraction,
-                     "the kept PCA components do not reach the fraction; keep more components"),
-        "psi": value("psi", psi_fit.psi if psi_fit else None,
-                     f"variance-flatness fit failed: {analysis.psi_fit_error}"),
-        "psi_ci": value("psi_ci", list(psi_fit.psi_ci) if psi_fit else None,
-                        "no fit, or fewer than 2 bootstrap resamples with spread in log F"),
+        "gamma": value(
+            "gamma",
+            spectrum_fit.gamma if spectrum_fit else None,
+            f"power-law fit failed: {analysis.spectrum_fit_error}",
+        ),
+        "n90": value(
+            "n90",
+            analysis.n_at_fraction,
+            "the kept PCA components do not reach the fraction; keep more components",
+        ),
+        "psi": value(
+            "psi",
+            psi_fit.psi if psi_fit else None,
+            f"variance-flatness fit failed: {analysis.psi_fit_error}",
+        ),
+        "psi_ci": value(
+            "psi_ci",
+            list(psi_fit.psi_ci) if psi_fit else None,
+            "no fit, or fewer than 2 bootstrap resamples with spread in log F",
+        ),
         "n_directions": analysis.n_directions,
         "n_censored": int(flatness.censored.sum()),
         "variance": value("variance", pca.variances[: analysis.n_directions], "zero variance"),
-        "flatness": value("flatness", flatness.flatness,
-                          "censored: the profile did not reach e*L0 within max_offset on one side"),
-        "curvature": value("curvature", analysis.curvature,
-                           "curvature disabled (analysis.curvature=false)"),
+        "flatness": value(
+            "flatness",
+            flatness.flatness,
+            "censored: the profile did not reach e*L0 within max_offset on one side",
+        ),
+        "curvature": value(
+            "curvature", analysis.curvature, "curvature disabled (analysis.curvature=false)"
+        ),
         "loss0": flatness.loss0,
         "level": flatness.level,
         "exploration": {
             "criterion": asdict(settings.exploration),
             "reached": history.exploration_reached,
-            "epoch": value("exploration.epoch", history.exploration_epoch,
-                           "the criterion was not met within max_epochs"),
+            "epoch": value(
+                "exploration.epoch",
+                history.exploration_epoch,
+                "the criterion was not met within max_epochs",
+            ),
             "history": [asdict(record) for record in history.records],
         },
-        "spectrum_fit": value("spectrum_fit", asdict(spectrum_fit) if spectrum_fit else None,
-                              f"power-law fit failed: {analysis.spectrum_fit_error}"),
+        "spectrum_fit": value(
+            "spectrum_fit",
+            asdict(spectrum_fit) if spectrum_fit else None,
+            f"power-law fit failed: {analysis.spectrum_fit_error}",
+        ),
         "cumulative_fraction": settings.analysis.cumulative_fraction,
-        "psi_fit": value("psi_fit", _psi_fit_summary(psi_fit),
-                         f"variance-flatness fit failed: {analysis.psi_fit_error}"),
+        "psi_fit": value(
+            "psi_fit",
+            _psi_fit_summary(psi_fit),
+            f"variance-flatness fit failed: {analysis.psi_fit_error}",
+        ),
         "curvature_comparison": value(
             "curvature_comparison",
             asdict(analysis.curvature_comparison) if analysis.curvature_comparison else None,
             "curvature disabled, or fewer than 3 directions with finite flatness and positive curvature",
         ),
-        "drift": value("drift", asdict(analysis.drift),
-                       "undefined when a component has zero variance or there is one component"),
+        "drift": value(
+            "drift",
+            asdict(analysis.drift),
+            "undefined when a component has zero variance or there is one component",
+        ),
         "trajectory": {
             "parameters": recorder.parameter_names,
             "n_params": recorder.n_params,
@@ -691,7 +797,8 @@ def _settings_summary(settings: LandscapeSettings) -> dict[str, Any]:
     summary = asdict(settings)
     # Tuples become lists so that the JSON shows plain arrays.
     summary["window"]["parameters"] = (
-        list(settings.window.parameters) if not isinstance(settings.window.parameters, str)
+        list(settings.window.parameters)
+        if not isinstance(settings.window.parameters, str)
         else settings.window.parameters
     )
     return summary

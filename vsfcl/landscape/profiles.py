@@ -22,8 +22,8 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -183,16 +183,21 @@ class ProfileEvaluator:
             self._responses.move_to_end(direction)
             return cached
         shortcut = self._linear
+        assert shortcut is not None, "the linear shortcut is used only when it was built"
         parts = unflatten_parameters(self.model, self.parameter_names, self.directions[direction])
         weight = parts[shortcut.weight_name] if shortcut.weight_name else None
         bias = parts[shortcut.bias_name] if shortcut.bias_name else None
         if weight is None:
+            assert bias is not None, "a linear shortcut has a weight, a bias or both"
             response = bias.expand_as(shortcut.base)
         else:
             response = F.linear(self.stage_inputs, weight, bias)
         n_bytes = response.numel() * response.element_size()
         if n_bytes <= self._response_cache_bytes:
-            while self._responses and n_bytes * (len(self._responses) + 1) > self._response_cache_bytes:
+            while (
+                self._responses
+                and n_bytes * (len(self._responses) + 1) > self._response_cache_bytes
+            ):
                 self._responses.popitem(last=False)
             self._responses[direction] = response
         return response
@@ -200,6 +205,7 @@ class ProfileEvaluator:
     def _shortcut_loss(self, index: Tensor, offsets: Tensor) -> Tensor:
         """Return the mean losses at ``w_0 + offsets[j] p[index[j]]`` with the linear shortcut."""
         shortcut = self._linear
+        assert shortcut is not None, "the linear shortcut is used only when it was built"
         width = shortcut.base.shape[1]
         total = torch.zeros(index.shape[0], dtype=torch.float64, device=offsets.device)
         for begin in range(0, index.shape[0], self.max_batch):
@@ -214,7 +220,7 @@ class ProfileEvaluator:
                 stop = min(start + self.chunk_size, self.n_samples)
                 x = buffer[:, : stop - start]
                 base = shortcut.base[start:stop]
-                for j, (response, offset) in enumerate(zip(responses, batch_offsets)):
+                for j, (response, offset) in enumerate(zip(responses, batch_offsets, strict=False)):
                     torch.add(base, response[start:stop], alpha=offset, out=x[j])
                 for module in shortcut.later_stages:
                     x = x.relu_() if isinstance(module, nn.ReLU) else module(x)
@@ -416,9 +422,13 @@ def reference_losses(
     n_samples = inputs.shape[0]
     losses = torch.empty(len(direction_index), dtype=torch.float64)
     with torch.no_grad():
-        for j, (i, offset) in enumerate(zip(direction_index.tolist(), offsets.tolist())):
+        for j, (i, offset) in enumerate(
+            zip(direction_index.tolist(), offsets.tolist(), strict=False)
+        ):
             point = center.double() + offset * directions[i].double()
-            parameters = unflatten_parameters(model, parameter_names, point.to(device, torch.float32))
+            parameters = unflatten_parameters(
+                model, parameter_names, point.to(device, torch.float32)
+            )
             total = 0.0
             for start in range(0, n_samples, chunk_size):
                 logits = functional_call(model, parameters, (inputs[start : start + chunk_size],))

@@ -50,7 +50,9 @@ class PowerLawFit:
     gamma_stderr: float
 
 
-def fit_power_law(variances: Tensor, min_index: int = 20, max_index: int | None = None) -> PowerLawFit:
+def fit_power_law(
+    variances: Tensor, min_index: int = 20, max_index: int | None = None
+) -> PowerLawFit:
     """Fit ``sigma_i^2 ~ A i^-gamma`` over ``min_index <= i <= max_index``.
 
     Parameters
@@ -72,8 +74,7 @@ def fit_power_law(variances: Tensor, min_index: int = 20, max_index: int | None 
         max_index = n_components
     if not 1 <= min_index < max_index:
         raise ValueError(
-            f"fit range [{min_index}, {max_index}] is invalid: it needs "
-            "1 <= min_index < max_index"
+            f"fit range [{min_index}, {max_index}] is invalid: it needs 1 <= min_index < max_index"
         )
     if max_index > n_components:
         raise ValueError(

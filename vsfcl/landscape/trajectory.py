@@ -9,7 +9,8 @@ matrix ``features.fc2.weight`` of a two-hidden-layer MLP (50 x 50, so 2500 entri
 from __future__ import annotations
 
 import logging
-from typing import Literal, Sequence
+from collections.abc import Sequence
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -45,7 +46,9 @@ def resolve_parameter_names(model: nn.Module, names: Sequence[str] | str) -> lis
             return available
     requested = list(names)
     if not requested:
-        raise ValueError("the parameter selection is empty; name at least one parameter or use 'all'")
+        raise ValueError(
+            "the parameter selection is empty; name at least one parameter or use 'all'"
+        )
     unknown = [name for name in requested if name not in available]
     if unknown:
         raise ValueError(
@@ -61,9 +64,7 @@ def flatten_parameters(model: nn.Module, names: Sequence[str]) -> Tensor:
     return torch.cat([parameters[name].detach().reshape(-1) for name in names])
 
 
-def unflatten_parameters(
-    model: nn.Module, names: Sequence[str], flat: Tensor
-) -> dict[str, Tensor]:
+def unflatten_parameters(model: nn.Module, names: Sequence[str], flat: Tensor) -> dict[str, Tensor]:
     """Split vectors laid out as :func:`flatten_parameters` into named tensors.
 
     Parameters
@@ -84,7 +85,7 @@ def unflatten_parameters(
     pieces = torch.split(flat, sizes, dim=-1)
     return {
         name: piece.reshape(*leading, *shape)
-        for name, piece, shape in zip(names, pieces, shapes)
+        for name, piece, shape in zip(names, pieces, shapes, strict=False)
     }
 
 
