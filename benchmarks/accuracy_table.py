@@ -4,7 +4,7 @@ For each benchmark and method: the grid point chosen on the validation split, th
 validation accuracy of every grid point (first seed), and the test accuracy after the
 last experience at the chosen point as mean ± sample standard deviation over the
 seeds found. Reference numbers are printed beside split MNIST: Hsu et al. (2018),
-"Re-evaluating continual learning scenarios", Table 2 (MLP 2x400, Adam 1e-3, 4 epochs,
+"Re-evaluating continual learning scenarios" (MLP 2x400, Adam 1e-3, 4 epochs,
 batch 128, mean over 10 runs), in percent.
 
 Example::
@@ -19,13 +19,48 @@ import json
 import statistics
 from pathlib import Path
 
-# Hsu et al. (2018), Table 2: average accuracy (%) after 5 experiences of split MNIST.
+# Hsu et al. (2018): average accuracy (%) after 5 experiences of split MNIST.
 HSU_2018 = {
-    "split_mnist/task": {"naive": 97.98, "ewc": 97.70, "online_ewc": 98.04, "synaptic_intelligence": 98.56, "mas": 99.22, "lwf": 99.60, "joint": 99.52},
-    "split_mnist/domain": {"naive": 63.20, "ewc": 58.85, "online_ewc": 57.33, "synaptic_intelligence": 64.76, "mas": 68.57, "lwf": 71.02, "joint": 98.59},
-    "split_mnist/class": {"naive": 19.46, "ewc": 19.80, "online_ewc": 19.77, "synaptic_intelligence": 19.67, "mas": 19.52, "lwf": 24.17, "joint": 97.53},
+    "split_mnist/task": {
+        "naive": 97.98,
+        "ewc": 97.70,
+        "online_ewc": 98.04,
+        "synaptic_intelligence": 98.56,
+        "mas": 99.22,
+        "lwf": 99.60,
+        "joint": 99.52,
+    },
+    "split_mnist/domain": {
+        "naive": 63.20,
+        "ewc": 58.85,
+        "online_ewc": 57.33,
+        "synaptic_intelligence": 64.76,
+        "mas": 68.57,
+        "lwf": 71.02,
+        "joint": 98.59,
+    },
+    "split_mnist/class": {
+        "naive": 19.46,
+        "ewc": 19.80,
+        "online_ewc": 19.77,
+        "synaptic_intelligence": 19.67,
+        "mas": 19.52,
+        "lwf": 24.17,
+        "joint": 97.53,
+    },
 }
-METHODS = ("naive", "joint", "ewc", "ewc_empirical", "ewc_sampled", "online_ewc", "synaptic_intelligence", "mas", "lwf", "flatness")
+METHODS = (
+    "naive",
+    "joint",
+    "ewc",
+    "ewc_empirical",
+    "ewc_sampled",
+    "online_ewc",
+    "synaptic_intelligence",
+    "mas",
+    "lwf",
+    "flatness",
+)
 
 
 def summarize(method_dir: Path) -> dict | None:
@@ -34,7 +69,7 @@ def summarize(method_dir: Path) -> dict | None:
     if selection_path.is_file():
         selection = json.loads(selection_path.read_text())
         chosen = selection["chosen"]
-        grid = dict(zip(selection["grid"], selection["valid_acc"]))
+        grid = dict(zip(selection["grid"], selection["valid_acc"], strict=False))
     else:
         # Grid still running: show the points finished so far, choose nothing.
         grid = {}
@@ -77,9 +112,13 @@ def table(results: Path, benchmark: str) -> str:
         if summary is None:
             lines.append(f"| {method} | not run | — | — | {ref_text} |")
             continue
-        grid = ", ".join(f"{point}: {value:.3f}" for point, value in summary["grid"].items() if value is not None)
+        grid = ", ".join(
+            f"{point}: {value:.3f}" for point, value in summary["grid"].items() if value is not None
+        )
         chosen = summary["chosen"] or "grid unfinished"
-        lines.append(f"| {method} | {chosen} | {grid} | {format_accuracy(summary['test'])} | {ref_text} |")
+        lines.append(
+            f"| {method} | {chosen} | {grid} | {format_accuracy(summary['test'])} | {ref_text} |"
+        )
     return "\n".join(lines)
 
 

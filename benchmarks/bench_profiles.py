@@ -59,7 +59,9 @@ def time_profiles(n_directions: int, n_reference: int) -> dict[str, float]:
     start = time.perf_counter()
     evaluator = ProfileEvaluator(model, names, center, directions, inputs, targets)
     loss0 = evaluator.center_loss()
-    result = find_flatness(evaluator.loss_along(), n_directions, loss0, initial_step=0.5, max_offset=50.0)
+    result = find_flatness(
+        evaluator.loss_along(), n_directions, loss0, initial_step=0.5, max_offset=50.0
+    )
     batched_seconds = time.perf_counter() - start
     n_points = result.n_evaluations + 1
 
@@ -100,10 +102,18 @@ def time_full_run() -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=1, help="PyTorch CPU threads (default 1)")
-    parser.add_argument("--directions", type=int, default=64, help="directions searched (default 64)")
-    parser.add_argument("--reference-points", type=int, default=8,
-                        help="points timed with the reference loop (default 8)")
-    parser.add_argument("--full-run", action="store_true", help="also time a default vsfcl-landscape run")
+    parser.add_argument(
+        "--directions", type=int, default=64, help="directions searched (default 64)"
+    )
+    parser.add_argument(
+        "--reference-points",
+        type=int,
+        default=8,
+        help="points timed with the reference loop (default 8)",
+    )
+    parser.add_argument(
+        "--full-run", action="store_true", help="also time a default vsfcl-landscape run"
+    )
     arguments = parser.parse_args()
     if arguments.threads < 1:
         parser.error(f"--threads={arguments.threads} must be at least 1")

@@ -80,9 +80,13 @@ HEADER = (
 def collect(sweep_dir: Path) -> tuple[str, list[Path]]:
     """Return the table for the jobs under ``sweep_dir`` and the job folders without a summary."""
     if not sweep_dir.is_dir():
-        raise FileNotFoundError(f"sweep folder {sweep_dir} not found; pass the multirun folder of a sweep")
-    jobs = sorted((path for path in sweep_dir.iterdir() if path.is_dir() and path.name.isdigit()),
-                  key=lambda path: int(path.name))
+        raise FileNotFoundError(
+            f"sweep folder {sweep_dir} not found; pass the multirun folder of a sweep"
+        )
+    jobs = sorted(
+        (path for path in sweep_dir.iterdir() if path.is_dir() and path.name.isdigit()),
+        key=lambda path: int(path.name),
+    )
     rows, missing = [], []
     for job in jobs:
         summary_path = job / "summary.json"

@@ -24,9 +24,10 @@ import argparse
 import json
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from avalanche.training.plugins import EWCPlugin as AvalancheEWCPlugin
@@ -48,15 +49,26 @@ def mnist_batch(n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return x, y, torch.zeros_like(y)
 
 
-def random_subspaces(n_params: int, n_directions: int, n_experiences: int, anchor: torch.Tensor) -> list[SharpSubspace]:
+def random_subspaces(
+    n_params: int, n_directions: int, n_experiences: int, anchor: torch.Tensor
+) -> list[SharpSubspace]:
     subspaces = []
     for experience in range(n_experiences):
         directions, _ = torch.linalg.qr(torch.randn(n_params, n_directions))
-        subspaces.append(SharpSubspace(anchor + 0.01 * torch.randn(n_params), directions.T.contiguous(), torch.rand(n_directions), experience))
+        subspaces.append(
+            SharpSubspace(
+                anchor + 0.01 * torch.randn(n_params),
+                directions.T.contiguous(),
+                torch.rand(n_directions),
+                experience,
+            )
+        )
     return subspaces
 
 
-def penalties(model: nn.Module, n_experiences: int, n_directions: int) -> dict[str, Callable[[Any], None]]:
+def penalties(
+    model: nn.Module, n_experiences: int, n_directions: int
+) -> dict[str, Callable[[Any], None]]:
     """Return the ``before_backward`` of each penalty, filled with ``n_experiences`` past experiences."""
     named = dict(model.named_parameters())
     ours = EWCPlugin(1.0)
@@ -65,8 +77,12 @@ def penalties(model: nn.Module, n_experiences: int, n_directions: int) -> dict[s
         importances = {n: torch.rand_like(p) for n, p in named.items()}
         anchor = {n: p.detach() + 0.01 * torch.randn_like(p) for n, p in named.items()}
         ours.penalty.add(importances, anchor)
-        avalanche.importances[experience] = {n: ParamData(n, init_tensor=v) for n, v in importances.items()}
-        avalanche.saved_params[experience] = {n: ParamData(n, init_tensor=v) for n, v in anchor.items()}
+        avalanche.importances[experience] = {
+            n: ParamData(n, init_tensor=v) for n, v in importances.items()
+        }
+        avalanche.saved_params[experience] = {
+            n: ParamData(n, init_tensor=v) for n, v in anchor.items()
+        }
     flatness = FlatnessPlugin(n_directions=n_directions, n_snapshots=n_directions + 1)
     weights = torch.cat([p.detach().flatten() for p in named.values()])
     for subspace in random_subspaces(weights.numel(), n_directions, n_experiences, weights):
@@ -79,12 +95,22 @@ def penalties(model: nn.Module, n_experiences: int, n_directions: int) -> dict[s
     }
 
 
-def time_steps(model: nn.Module, hooks: dict[str, Callable[[Any], None]], batch: tuple, n_experiences: int, steps: int) -> dict[str, float]:
+def time_steps(
+    model: nn.Module,
+    hooks: dict[str, Callable[[Any], None]],
+    batch: tuple,
+    n_experiences: int,
+    steps: int,
+) -> dict[str, float]:
     """Median seconds per training step with each penalty hook, interleaved."""
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
     x, y, _ = batch
     times: dict[str, list[float]] = {name: [] for name in hooks}
-    strategy = SimpleNamespace(model=model, device=torch.device("cpu"), clock=SimpleNamespace(train_exp_counter=n_experiences))
+    strategy = SimpleNamespace(
+        model=model,
+        device=torch.device("cpu"),
+        clock=SimpleNamespace(train_exp_counter=n_experiences),
+    )
     for step in range(steps + 1):
         for name, hook in hooks.items():
             start = time.perf_counter()
@@ -98,15 +124,22 @@ def time_steps(model: nn.Module, hooks: dict[str, Callable[[Any], None]], batch:
     return {name: statistics.median(values) for name, values in times.items()}
 
 
-def time_flatness_consolidation(model: nn.Module, batch: tuple, stiffness: str, n_snapshots: int, n_directions: int) -> float:
-    plugin = FlatnessPlugin(n_directions=n_directions, n_snapshots=n_snapshots, stiffness=stiffness, profile_samples=256)
+def time_flatness_consolidation(
+    model: nn.Module, batch: tuple, stiffness: str, n_snapshots: int, n_directions: int
+) -> float:
+    plugin = FlatnessPlugin(
+        n_directions=n_directions, n_snapshots=n_snapshots, stiffness=stiffness, profile_samples=256
+    )
     weights = torch.cat([p.detach().flatten() for p in model.parameters()])
     steps = 1e-3 * torch.randn(n_snapshots, weights.numel()).cumsum(dim=0)
     plugin._snapshots = list(weights + steps)
     x, y, t = batch
     strategy = SimpleNamespace(
-        model=model, _criterion=nn.CrossEntropyLoss(), device=torch.device("cpu"),
-        dataloader=[[x[:256], y[:256], t[:256]]], experience=SimpleNamespace(current_experience=0),
+        model=model,
+        _criterion=nn.CrossEntropyLoss(),
+        device=torch.device("cpu"),
+        dataloader=[[x[:256], y[:256], t[:256]]],
+        experience=SimpleNamespace(current_experience=0),
     )
     plugin.after_training_exp(strategy)
     return plugin.consolidations[-1].seconds
@@ -114,7 +147,9 @@ def time_flatness_consolidation(model: nn.Module, batch: tuple, stiffness: str, 
 
 def time_fisher(model: nn.Module, batch: tuple, estimate: str, n_samples: int) -> float:
     x, y, t = batch
-    batches = iter([(x[i : i + 128], y[i : i + 128], t[i : i + 128]) for i in range(0, n_samples, 128)])
+    batches = iter(
+        [(x[i : i + 128], y[i : i + 128], t[i : i + 128]) for i in range(0, n_samples, 128)]
+    )
     start = time.perf_counter()
     fisher_diagonal(model, batches, estimate, torch.Generator().manual_seed(0))
     return time.perf_counter() - start
@@ -124,8 +159,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--widths", type=int, nargs="+", default=[100, 400, 1000, 2000])
     parser.add_argument("--past-experiences", type=int, nargs="+", default=[1, 4, 9])
-    parser.add_argument("--directions", type=int, nargs="+", default=[5, 20, 40], help="K values at width 400")
-    parser.add_argument("--snapshots", type=int, nargs="+", default=[21, 41, 81], help="n_snapshots values at width 400, K=20")
+    parser.add_argument(
+        "--directions", type=int, nargs="+", default=[5, 20, 40], help="K values at width 400"
+    )
+    parser.add_argument(
+        "--snapshots",
+        type=int,
+        nargs="+",
+        default=[21, 41, 81],
+        help="n_snapshots values at width 400, K=20",
+    )
     parser.add_argument("--steps", type=int, default=20, help="timed training steps per variant")
     parser.add_argument("--fisher-samples", type=int, default=5000)
     parser.add_argument("--json", type=Path, default=None)
@@ -137,18 +180,32 @@ def main() -> None:
 
     def report(record: dict[str, Any]) -> None:
         records.append(record)
-        print(json.dumps({k: (round(v, 5) if isinstance(v, float) else v) for k, v in record.items()}), flush=True)
+        print(
+            json.dumps(
+                {k: (round(v, 5) if isinstance(v, float) else v) for k, v in record.items()}
+            ),
+            flush=True,
+        )
 
     # Model size: one past experience, K = 20, 41 snapshots.
     for width in args.widths:
         model = build_mlp(hidden_sizes=[width, width], n_classes=10)
         n_params = sum(p.numel() for p in model.parameters())
         steps = time_steps(model, penalties(model, 1, 20), step_batch, 1, args.steps)
-        record = {"study": "width", "width": width, "n_params": n_params, **{f"step_{k}": v for k, v in steps.items()}}
+        record = {
+            "study": "width",
+            "width": width,
+            "n_params": n_params,
+            **{f"step_{k}": v for k, v in steps.items()},
+        }
         for estimate in ("batched", "empirical"):
-            record[f"fisher_{estimate}_seconds"] = time_fisher(model, batch, estimate, args.fisher_samples)
+            record[f"fisher_{estimate}_seconds"] = time_fisher(
+                model, batch, estimate, args.fisher_samples
+            )
         for stiffness in ("variance", "flatness"):
-            record[f"flatness_{stiffness}_seconds"] = time_flatness_consolidation(model, batch, stiffness, 41, 20)
+            record[f"flatness_{stiffness}_seconds"] = time_flatness_consolidation(
+                model, batch, stiffness, 41, 20
+            )
         record["storage_floats_ewc_per_experience_avalanche"] = 2 * n_params
         record["storage_floats_ewc_vsfcl_total"] = 2 * n_params
         record["storage_floats_flatness_per_experience"] = 21 * n_params
@@ -157,22 +214,54 @@ def main() -> None:
     # Past experiences, K and snapshots at width 400.
     model = build_mlp(hidden_sizes=[400, 400], n_classes=10)
     for n_experiences in args.past_experiences:
-        steps = time_steps(model, penalties(model, n_experiences, 20), step_batch, n_experiences, args.steps)
-        report({"study": "past_experiences", "width": 400, "past_experiences": n_experiences, **{f"step_{k}": v for k, v in steps.items()}})
+        steps = time_steps(
+            model, penalties(model, n_experiences, 20), step_batch, n_experiences, args.steps
+        )
+        report(
+            {
+                "study": "past_experiences",
+                "width": 400,
+                "past_experiences": n_experiences,
+                **{f"step_{k}": v for k, v in steps.items()},
+            }
+        )
     for n_directions in args.directions:
         steps = time_steps(model, penalties(model, 1, n_directions), step_batch, 1, args.steps)
-        seconds = time_flatness_consolidation(model, batch, "flatness", max(41, n_directions + 1), n_directions)
-        report({"study": "directions", "width": 400, "K": n_directions, "step_flatness": steps["flatness"],
-                "step_naive": steps["naive"], "flatness_flatness_seconds": seconds})
+        seconds = time_flatness_consolidation(
+            model, batch, "flatness", max(41, n_directions + 1), n_directions
+        )
+        report(
+            {
+                "study": "directions",
+                "width": 400,
+                "K": n_directions,
+                "step_flatness": steps["flatness"],
+                "step_naive": steps["naive"],
+                "flatness_flatness_seconds": seconds,
+            }
+        )
     for n_snapshots in args.snapshots:
         n_directions = min(20, n_snapshots - 1)
-        report({"study": "snapshots", "width": 400, "n_snapshots": n_snapshots, "K": n_directions,
-                "flatness_variance_seconds": time_flatness_consolidation(model, batch, "variance", n_snapshots, n_directions),
-                "flatness_flatness_seconds": time_flatness_consolidation(model, batch, "flatness", n_snapshots, n_directions)})
+        report(
+            {
+                "study": "snapshots",
+                "width": 400,
+                "n_snapshots": n_snapshots,
+                "K": n_directions,
+                "flatness_variance_seconds": time_flatness_consolidation(
+                    model, batch, "variance", n_snapshots, n_directions
+                ),
+                "flatness_flatness_seconds": time_flatness_consolidation(
+                    model, batch, "flatness", n_snapshots, n_directions
+                ),
+            }
+        )
 
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"threads": torch.get_num_threads(), "records": records}, indent=2))
+        args.json.write_text(
+            json.dumps({"threads": torch.get_num_threads(), "records": records}, indent=2)
+        )
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ Paths, each training a fresh MLP from the same initial weights with Adam:
 - ``bare``: a plain PyTorch loop over the same tensors, no Avalanche.
 
 The paths run in turn, ``--repeats`` times, so that a slowdown of the shared machine
-hits all of them; the ratios are taken within each repetition. After each epoch the
+hits all of them. The ratios are taken within each repetition. After each epoch the
 test accuracy of the experience is printed, to check that the paths learn alike.
 
 It also times the importance pass of EWC after the epoch: Avalanche's
@@ -27,8 +27,9 @@ import argparse
 import json
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from avalanche.evaluation.metrics import accuracy_metrics, loss_metrics
@@ -46,7 +47,7 @@ from vsfcl.tensor_data import to_avalanche
 
 
 def make_evaluator(per_iteration_metrics: bool) -> EvaluationPlugin:
-    """The metrics of ``vsfcl-train`` (with per-iteration loss tracking) or evaluation metrics only."""
+    """Build an evaluator with the metrics of ``vsfcl-train`` (loss tracked every iteration) or evaluation metrics only."""
     metrics: list[Any] = [accuracy_metrics(experience=True, stream=True)]
     if per_iteration_metrics:
         metrics.append(loss_metrics(epoch=True, experience=True, stream=True))
@@ -54,14 +55,23 @@ def make_evaluator(per_iteration_metrics: bool) -> EvaluationPlugin:
 
 
 @torch.no_grad()
-def test_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+def evaluate_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     model.eval()
-    correct = sum(int((model(x[i : i + 1000]).argmax(1) == y[i : i + 1000]).sum()) for i in range(0, len(y), 1000))
+    correct = sum(
+        int((model(x[i : i + 1000]).argmax(1) == y[i : i + 1000]).sum())
+        for i in range(0, len(y), 1000)
+    )
     model.train()
     return correct / len(y)
 
 
-def train_avalanche(fast: bool, per_iteration_metrics: bool, initial: dict, experience: Any, args: argparse.Namespace) -> nn.Module:
+def train_avalanche(
+    fast: bool,
+    per_iteration_metrics: bool,
+    initial: dict,
+    experience: Any,
+    args: argparse.Namespace,
+) -> nn.Module:
     model = build_mlp(hidden_sizes=args.hidden_sizes, n_classes=10)
     model.load_state_dict(initial)
     model.to(args.device)
@@ -84,7 +94,9 @@ def train_avalanche(fast: bool, per_iteration_metrics: bool, initial: dict, expe
     return model
 
 
-def train_bare(initial: dict, x: torch.Tensor, y: torch.Tensor, args: argparse.Namespace) -> nn.Module:
+def train_bare(
+    initial: dict, x: torch.Tensor, y: torch.Tensor, args: argparse.Namespace
+) -> nn.Module:
     model = build_mlp(hidden_sizes=args.hidden_sizes, n_classes=10)
     model.load_state_dict(initial)
     model.to(args.device)
@@ -112,15 +124,29 @@ def time_call(function: Callable[[], Any], device: torch.device) -> tuple[Any, f
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--repeats", type=int, default=3, help="repetitions of each path, interleaved")
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="repetitions of each path, interleaved"
+    )
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--hidden-sizes", type=int, nargs="+", default=[400, 400])
-    parser.add_argument("--device", type=torch.device, default=torch.device("cpu"), help="cpu, cuda or cuda:N")
-    parser.add_argument("--train-samples", type=int, default=None, help="cap on training images (default: all 60,000)")
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads; default: leave as is")
+    parser.add_argument(
+        "--device", type=torch.device, default=torch.device("cpu"), help="cpu, cuda or cuda:N"
+    )
+    parser.add_argument(
+        "--train-samples",
+        type=int,
+        default=None,
+        help="cap on training images (default: all 60,000)",
+    )
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch.set_num_threads; default: leave as is"
+    )
     parser.add_argument("--paths", nargs="+", default=["stock", "fast", "fast_lean", "bare"])
     parser.add_argument(
-        "--fisher", nargs="*", default=["batched", "empirical", "sampled"], choices=FISHER_ESTIMATES,
+        "--fisher",
+        nargs="*",
+        default=["batched", "empirical", "sampled"],
+        choices=FISHER_ESTIMATES,
         help="Fisher estimates to time after the epoch (exact costs one pass per class)",
     )
     parser.add_argument("--json", type=Path, default=None, help="also write the measurements here")
@@ -129,14 +155,25 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     # One permuted-MNIST experience with all 60,000 training images (no validation split).
-    benchmark = permuted_mnist(load_mnist(None), n_experiences=1, valid_fraction=0.0, seed=0, train_samples=args.train_samples)
+    benchmark = permuted_mnist(
+        load_mnist(None),
+        n_experiences=1,
+        valid_fraction=0.0,
+        seed=0,
+        train_samples=args.train_samples,
+    )
     scenario = to_avalanche(benchmark)
     experience = scenario.train_stream[0]
-    train, test = benchmark.streams["train"][0].to(args.device), benchmark.streams["test"][0].to(args.device)
+    train, test = (
+        benchmark.streams["train"][0].to(args.device),
+        benchmark.streams["test"][0].to(args.device),
+    )
     torch.manual_seed(0)
     initial = build_mlp(hidden_sizes=args.hidden_sizes, n_classes=10).state_dict()
-    print(f"permuted MNIST, {len(train)} training images, MLP {args.hidden_sizes}, batch {args.batch_size}, "
-          f"device {args.device}, {torch.get_num_threads()} torch threads")
+    print(
+        f"permuted MNIST, {len(train)} training images, MLP {args.hidden_sizes}, batch {args.batch_size}, "
+        f"device {args.device}, {torch.get_num_threads()} torch threads"
+    )
 
     paths: dict[str, Callable[[], nn.Module]] = {
         "stock": lambda: train_avalanche(False, True, initial, experience, args),
@@ -148,42 +185,80 @@ def main() -> None:
     for repeat in range(args.repeats):
         for name in args.paths:
             model, seconds = time_call(paths[name], args.device)
-            accuracy = test_accuracy(model, test.x, test.y)
-            rows[name].append({"seconds": seconds, "samples_per_second": len(train) / seconds, "test_accuracy": accuracy})
-            print(f"repeat {repeat} {name:<9} {seconds:7.2f} s  {len(train) / seconds:8.0f} samples/s  test acc {accuracy:.4f}", flush=True)
+            accuracy = evaluate_accuracy(model, test.x, test.y)
+            rows[name].append(
+                {
+                    "seconds": seconds,
+                    "samples_per_second": len(train) / seconds,
+                    "test_accuracy": accuracy,
+                }
+            )
+            print(
+                f"repeat {repeat} {name:<9} {seconds:7.2f} s  {len(train) / seconds:8.0f} samples/s  test acc {accuracy:.4f}",
+                flush=True,
+            )
 
     print("\nmedian samples/s and ratios within each repetition:")
     for name in args.paths:
-        print(f"  {name:<9} {statistics.median(r['samples_per_second'] for r in rows[name]):8.0f} samples/s")
+        print(
+            f"  {name:<9} {statistics.median(r['samples_per_second'] for r in rows[name]):8.0f} samples/s"
+        )
     ratios = {}
-    for a, b in (("fast", "stock"), ("fast_lean", "stock"), ("bare", "fast"), ("bare", "fast_lean")):
+    for a, b in (
+        ("fast", "stock"),
+        ("fast_lean", "stock"),
+        ("bare", "fast"),
+        ("bare", "fast_lean"),
+    ):
         if a in rows and b in rows:
-            values = [ra["samples_per_second"] / rb["samples_per_second"] for ra, rb in zip(rows[a], rows[b])]
+            values = [
+                ra["samples_per_second"] / rb["samples_per_second"]
+                for ra, rb in zip(rows[a], rows[b], strict=False)
+            ]
             ratios[f"{a}/{b}"] = values
-            print(f"  {a}/{b}: median {statistics.median(values):.2f} (min {min(values):.2f}, max {max(values):.2f})")
+            print(
+                f"  {a}/{b}: median {statistics.median(values):.2f} (min {min(values):.2f}, max {max(values):.2f})"
+            )
 
     # EWC's importance pass after the epoch: Avalanche's per-sample loader against the tensors.
     model = build_mlp(hidden_sizes=args.hidden_sizes, n_classes=10)
     model.load_state_dict(initial)
     model.to(args.device)
     built = build_strategy(
-        name="naive", options={}, model=model,
+        name="naive",
+        options={},
+        model=model,
         make_optimizer=lambda params: torch.optim.Adam(params, lr=1e-3),
-        evaluator=make_evaluator(False), extra_plugins=[], final_plugins=[],
-        train_epochs=1, batch_size=args.batch_size, eval_batch_size=1000,
-        device=args.device, fast_data=True,
+        evaluator=make_evaluator(False),
+        extra_plugins=[],
+        final_plugins=[],
+        train_epochs=1,
+        batch_size=args.batch_size,
+        eval_batch_size=1000,
+        device=args.device,
+        fast_data=True,
     )
     built.strategy.experience = experience
     fisher_seconds: dict[str, float] = {}
     _, fisher_seconds["avalanche_batched"] = time_call(
         lambda: AvalancheEWCPlugin(1.0).compute_importances(
-            model, nn.CrossEntropyLoss(), built.strategy.optimizer, experience.dataset, args.device, args.batch_size
+            model,
+            nn.CrossEntropyLoss(),
+            built.strategy.optimizer,
+            experience.dataset,
+            args.device,
+            args.batch_size,
         ),
         args.device,
     )
     for estimate in args.fisher:
         _, fisher_seconds[estimate] = time_call(
-            lambda: fisher_diagonal(model, experience_batches(built.strategy, args.batch_size), estimate, torch.Generator().manual_seed(0)),
+            lambda estimate=estimate: fisher_diagonal(
+                model,
+                experience_batches(built.strategy, args.batch_size),
+                estimate,
+                torch.Generator().manual_seed(0),
+            ),
             args.device,
         )
     print(f"\nEWC importance pass over the {len(train)} images:")
@@ -192,9 +267,20 @@ def main() -> None:
 
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(
-            {"device": str(args.device), "threads": torch.get_num_threads(), "paths": rows, "ratios": ratios, "fisher_seconds": fisher_seconds,
-             "hidden_sizes": args.hidden_sizes, "batch_size": args.batch_size}, indent=2))
+        args.json.write_text(
+            json.dumps(
+                {
+                    "device": str(args.device),
+                    "threads": torch.get_num_threads(),
+                    "paths": rows,
+                    "ratios": ratios,
+                    "fisher_seconds": fisher_seconds,
+                    "hidden_sizes": args.hidden_sizes,
+                    "batch_size": args.batch_size,
+                },
+                indent=2,
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -40,11 +40,25 @@ GRID_SIZE = 4
 GRIDS: dict[str, list[list[str]]] = {
     "naive": [["strategy=naive"]],
     "joint": [["strategy=joint"]],
-    "ewc": [["strategy=ewc", "strategy.fisher=batched", f"strategy.ewc_lambda={v}"] for v in ("1e2", "1e3", "1e4", "1e5")],
-    "ewc_empirical": [["strategy=ewc", "strategy.fisher=empirical", f"strategy.ewc_lambda={v}"] for v in ("1e2", "1e3", "1e4", "1e5")],
-    "ewc_sampled": [["strategy=ewc", "strategy.fisher=sampled", f"strategy.ewc_lambda={v}"] for v in ("1e2", "1e3", "1e4", "1e5")],
-    "online_ewc": [["strategy=online_ewc", f"strategy.ewc_lambda={v}"] for v in ("1e2", "1e3", "1e4", "1e5")],
-    "synaptic_intelligence": [["strategy=synaptic_intelligence", f"strategy.si_lambda={v}"] for v in ("0.1", "1", "10", "100")],
+    "ewc": [
+        ["strategy=ewc", "strategy.fisher=batched", f"strategy.ewc_lambda={v}"]
+        for v in ("1e2", "1e3", "1e4", "1e5")
+    ],
+    "ewc_empirical": [
+        ["strategy=ewc", "strategy.fisher=empirical", f"strategy.ewc_lambda={v}"]
+        for v in ("1e2", "1e3", "1e4", "1e5")
+    ],
+    "ewc_sampled": [
+        ["strategy=ewc", "strategy.fisher=sampled", f"strategy.ewc_lambda={v}"]
+        for v in ("1e2", "1e3", "1e4", "1e5")
+    ],
+    "online_ewc": [
+        ["strategy=online_ewc", f"strategy.ewc_lambda={v}"] for v in ("1e2", "1e3", "1e4", "1e5")
+    ],
+    "synaptic_intelligence": [
+        ["strategy=synaptic_intelligence", f"strategy.si_lambda={v}"]
+        for v in ("0.1", "1", "10", "100")
+    ],
     "mas": [["strategy=mas", f"strategy.mas_lambda={v}"] for v in ("0.1", "1", "10", "100")],
     "lwf": [["strategy=lwf", f"strategy.alpha={v}"] for v in ("0.25", "1", "4", "16")],
     # Strength and stiffness source share the four points; K stays at its default of 20.
@@ -70,12 +84,20 @@ def point_name(overrides: list[str]) -> str:
     return ",".join(keys) or "default"
 
 
-def run_once(benchmark: str, method: str, overrides: list[str], seed: int, extra: list[str], out: Path) -> dict[str, Any]:
+def run_once(
+    benchmark: str, method: str, overrides: list[str], seed: int, extra: list[str], out: Path
+) -> dict[str, Any]:
     """Train one configuration, or load its stored result; return the result."""
     path = out / benchmark / method / point_name(overrides) / f"seed{seed}.json"
     if path.is_file():
         return json.loads(path.read_text())
-    all_overrides = [*BENCHMARKS[benchmark], *overrides, f"seed={seed}", "progress_bar=false", *extra]
+    all_overrides = [
+        *BENCHMARKS[benchmark],
+        *overrides,
+        f"seed={seed}",
+        "progress_bar=false",
+        *extra,
+    ]
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         cfg = compose("train", overrides=all_overrides)
     start = time.perf_counter()
@@ -86,8 +108,13 @@ def run_once(benchmark: str, method: str, overrides: list[str], seed: int, extra
     write_json_atomic(path, result)
     log.info(
         "%s %s %s seed %d: valid_acc %.4f, test acc %.4f, %.0f s",
-        benchmark, method, point_name(overrides), seed,
-        result.get("valid_acc", float("nan")), result["acc"], result["wall_seconds"],
+        benchmark,
+        method,
+        point_name(overrides),
+        seed,
+        result.get("valid_acc", float("nan")),
+        result["acc"],
+        result["wall_seconds"],
     )
     return result
 
@@ -118,11 +145,28 @@ def tune(benchmark: str, method: str, seeds: list[int], extra: list[str], out: P
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--benchmark", required=True, choices=sorted(BENCHMARKS))
-    parser.add_argument("--methods", nargs="+", default=list(GRIDS), choices=list(GRIDS), help="methods to tune (default: all)")
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="the first seed tunes; all are evaluated")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="directory of the run records")
     parser.add_argument(
-        "--override", nargs="*", default=[], dest="extra",
+        "--methods",
+        nargs="+",
+        default=list(GRIDS),
+        choices=list(GRIDS),
+        help="methods to tune (default: all)",
+    )
+    parser.add_argument(
+        "--seeds",
+        nargs="+",
+        type=int,
+        default=[0, 1, 2],
+        help="the first seed tunes; all are evaluated",
+    )
+    parser.add_argument(
+        "--out", type=Path, default=Path("benchmarks/results"), help="directory of the run records"
+    )
+    parser.add_argument(
+        "--override",
+        nargs="*",
+        default=[],
+        dest="extra",
         help="extra vsfcl-train overrides for every run, e.g. train_epochs=1 benchmark.train_samples=10000",
     )
     args = parser.parse_args()
@@ -131,7 +175,9 @@ def main() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
     for method in args.methods:
         if method not in ("naive", "joint") and len(GRIDS[method]) != GRID_SIZE:
-            raise ValueError(f"the grid of {method} has {len(GRIDS[method])} points, not {GRID_SIZE}")
+            raise ValueError(
+                f"the grid of {method} has {len(GRIDS[method])} points, not {GRID_SIZE}"
+            )
         tune(args.benchmark, method, args.seeds, args.extra, args.out)
 
 

@@ -88,3 +88,17 @@ def test_cuda_without_gpu_is_an_error(monkeypatch):
     assert resolve_device("auto").type == "cpu"
     with pytest.raises(ValueError, match="device='tpu' is invalid"):
         resolve_device("tpu")
+
+
+@pytest.mark.parametrize("name", ["ewc", "online_ewc"])
+def test_avalanche_ewc_plugin_selectable(name):
+    from avalanche.training.plugins import EWCPlugin as AvalancheEWCPlugin
+
+    options = dict(_compose([f"strategy={name}", "strategy.implementation=avalanche"]).strategy)
+    options.pop("name")
+    plugin = build_method_plugin(name, options)
+    assert isinstance(plugin, AvalancheEWCPlugin)
+    assert plugin.mode == ("online" if name == "online_ewc" else "separate")
+    options["implementation"] = "other"
+    with pytest.raises(ValueError, match="strategy.implementation='other' is invalid"):
+        build_method_plugin(name, options)

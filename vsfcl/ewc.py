@@ -28,7 +28,8 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Iterator, Literal
+from collections.abc import Iterator
+from typing import Any, Literal
 
 import torch
 from avalanche.core import SupervisedPlugin
@@ -49,7 +50,9 @@ FISHER_ESTIMATES = ("batched", "empirical", "sampled", "exact")
 Batch = tuple[Tensor, Tensor, Tensor]
 
 
-def experience_batches(strategy: Any, batch_size: int, max_samples: int | None = None) -> Iterator[Batch]:
+def experience_batches(
+    strategy: Any, batch_size: int, max_samples: int | None = None
+) -> Iterator[Batch]:
     """Yield ``(x, y, t)`` minibatches of the current experience's training data, in order.
 
     Uses the experience's device tensors when the strategy has the fast data path and
@@ -63,7 +66,9 @@ def experience_batches(strategy: Any, batch_size: int, max_samples: int | None =
         batches: Any = TensorLoader(data, batch_size, shuffle=False)
     else:
         dataset = experience.dataset
-        batches = DataLoader(dataset, batch_size=batch_size, collate_fn=getattr(dataset, "collate_fn", None))
+        batches = DataLoader(
+            dataset, batch_size=batch_size, collate_fn=getattr(dataset, "collate_fn", None)
+        )
 
     seen = 0
     for batch in batches:
@@ -106,11 +111,11 @@ def _only_linear_layers(model: nn.Module) -> bool:
 class PerSampleSquaredGradients:
     """Sums over samples of squared per-sample loss gradients, ``sum_n w_n g_n^2``.
 
-    For a model made of ``nn.Linear`` layers (and parameter-free modules), the
+    In a model made of ``nn.Linear`` layers (and parameter-free modules), the
     per-sample gradient of a weight is the outer product ``delta_n a_n^T`` of the
-    gradient at the layer's output and the layer's input, so the weighted sum of its
-    squares is the single product ``(w * delta^2)^T a^2``, and no per-sample gradient
-    is stored. Any other model, or ``linear_shortcut=False``, goes through
+    gradient at the layer's output and the layer's input. The weighted sum of its
+    squares is then the single product ``(w * delta^2)^T a^2``, and no per-sample
+    gradient is stored. Any other model, or ``linear_shortcut=False``, goes through
     ``torch.func.vmap(grad(...))``, which stores one gradient per sample and is much
     slower.
     """
@@ -121,16 +126,23 @@ class PerSampleSquaredGradients:
         if not self.linear:
             self._vmapped = vmap(grad(_per_sample_loss_function(model)), in_dims=(None, 0, 0, 0))
 
-    def __call__(self, x: Tensor, labels: Tensor, t: Tensor, weights: Tensor | None = None) -> dict[str, Tensor]:
+    def __call__(
+        self, x: Tensor, labels: Tensor, t: Tensor, weights: Tensor | None = None
+    ) -> dict[str, Tensor]:
         if not self.linear:
             params = {name: p.detach() for name, p in self.model.named_parameters()}
             squares = {name: g.square() for name, g in self._vmapped(params, x, labels, t).items()}
             if weights is not None:
-                squares = {name: s * weights.view(-1, *([1] * (s.dim() - 1))) for name, s in squares.items()}
+                squares = {
+                    name: s * weights.view(-1, *([1] * (s.dim() - 1)))
+                    for name, s in squares.items()
+                }
             return {name: s.sum(dim=0) for name, s in squares.items()}
         return self._linear(x, labels, t, weights)
 
-    def _linear(self, x: Tensor, labels: Tensor, t: Tensor, weights: Tensor | None) -> dict[str, Tensor]:
+    def _linear(
+        self, x: Tensor, labels: Tensor, t: Tensor, weights: Tensor | None
+    ) -> dict[str, Tensor]:
         records: list[tuple[str, nn.Linear, Tensor, Tensor]] = []
 
         def record(name: str) -> Any:
@@ -160,7 +172,7 @@ class PerSampleSquaredGradients:
         deltas = torch.autograd.grad(loss, [out for _, _, _, out in records], allow_unused=True)
 
         sums: dict[str, Tensor] = {}
-        for (name, module, inputs, _), delta in zip(records, deltas):
+        for (name, module, inputs, _), delta in zip(records, deltas, strict=False):
             if delta is None:
                 continue
             delta_squared = delta.detach().square()
@@ -199,8 +211,12 @@ def fisher_diagonal(
         minibatches (``batched``) or over samples (the others).
     """
     if estimate not in FISHER_ESTIMATES:
-        raise ValueError(f"fisher={estimate!r} is invalid; use one of {', '.join(FISHER_ESTIMATES)}")
-    fisher = {name: torch.zeros_like(p, requires_grad=False) for name, p in model.named_parameters()}
+        raise ValueError(
+            f"fisher={estimate!r} is invalid; use one of {', '.join(FISHER_ESTIMATES)}"
+        )
+    fisher = {
+        name: torch.zeros_like(p, requires_grad=False) for name, p in model.named_parameters()
+    }
     squared_gradients = PerSampleSquaredGradients(model)
     count = 0
     was_training = model.training
@@ -227,16 +243,20 @@ def fisher_diagonal(
     finally:
         model.train(was_training)
     if count == 0:
-        raise ValueError("the Fisher estimate needs at least one sample, but the experience has none")
+        raise ValueError(
+            "the Fisher estimate needs at least one sample, but the experience has none"
+        )
     return {name: value / count for name, value in fisher.items()}
 
 
-def _add_batched(model: nn.Module, x: Tensor, y: Tensor, t: Tensor, fisher: dict[str, Tensor]) -> None:
+def _add_batched(
+    model: nn.Module, x: Tensor, y: Tensor, t: Tensor, fisher: dict[str, Tensor]
+) -> None:
     names = list(fisher)
     parameters = [p for _, p in model.named_parameters()]
     loss = F.cross_entropy(avalanche_forward(model, x, t), y)
     gradients = torch.autograd.grad(loss, parameters, allow_unused=True)
-    for name, gradient in zip(names, gradients):
+    for name, gradient in zip(names, gradients, strict=False):
         if gradient is not None:
             fisher[name] += gradient.square()
 
@@ -278,7 +298,9 @@ class DiagonalQuadraticPenalty:
             precision = old_precision + importance
             # Where no experience gives weight, the mean is irrelevant; keep the new anchor.
             safe = torch.where(precision > 0, precision, torch.ones_like(precision))
-            mean = torch.where(precision > 0, (old_precision * old_mean + importance * point) / safe, point)
+            mean = torch.where(
+                precision > 0, (old_precision * old_mean + importance * point) / safe, point
+            )
             self.offset += float(
                 (old_precision.double() * (old_mean - mean).double().square()).sum()
                 + (importance.double() * (point - mean).double().square()).sum()
@@ -286,7 +308,9 @@ class DiagonalQuadraticPenalty:
             self.precision[name], self.mean[name] = precision, mean
 
     @torch.no_grad()
-    def decay_and_add(self, importances: dict[str, Tensor], anchor: dict[str, Tensor], decay: float) -> None:
+    def decay_and_add(
+        self, importances: dict[str, Tensor], anchor: dict[str, Tensor], decay: float
+    ) -> None:
         """Online EWC: ``F <- decay * F + F_new``, anchored at ``anchor`` alone."""
         for name, importance in importances.items():
             old = self.precision.get(name)
@@ -341,13 +365,17 @@ class EWCPlugin(SupervisedPlugin):
     ) -> None:
         super().__init__()
         if fisher not in FISHER_ESTIMATES:
-            raise ValueError(f"fisher={fisher!r} is invalid; use one of {', '.join(FISHER_ESTIMATES)}")
+            raise ValueError(
+                f"fisher={fisher!r} is invalid; use one of {', '.join(FISHER_ESTIMATES)}"
+            )
         if mode not in ("separate", "online"):
             raise ValueError(f"mode={mode!r} is invalid; use 'separate' or 'online'")
         if not 0.0 <= decay_factor <= 1.0:
             raise ValueError(f"decay_factor={decay_factor} is out of range; it must be in [0, 1]")
         if fisher_samples is not None and fisher_samples < 1:
-            raise ValueError(f"fisher_samples={fisher_samples} must be a positive count or null for all")
+            raise ValueError(
+                f"fisher_samples={fisher_samples} must be a positive count or null for all"
+            )
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"batch_size={batch_size} must be at least 1")
         self.ewc_lambda = float(ewc_lambda)
@@ -361,16 +389,36 @@ class EWCPlugin(SupervisedPlugin):
         self.consolidation_seconds: list[float] = []
         self.last_penalty = 0.0
 
+    def state_dict(self) -> dict[str, Any]:
+        """Return what the plugin keeps between experiences, as tensors and plain values (for checkpoints)."""
+        return {
+            "precision": dict(self.penalty.precision),
+            "mean": dict(self.penalty.mean),
+            "offset": float(self.penalty.offset),
+            "generator": self.generator.get_state(),
+            "consolidation_seconds": list(self.consolidation_seconds),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a state returned by :meth:`state_dict`."""
+        self.penalty.precision = dict(state["precision"])
+        self.penalty.mean = dict(state["mean"])
+        self.penalty.offset = float(state["offset"])
+        self.generator.set_state(state["generator"].cpu())
+        self.consolidation_seconds = list(state["consolidation_seconds"])
+
     def before_backward(self, strategy: Any, **kwargs: Any) -> None:
         if self.penalty.empty or self.ewc_lambda == 0.0:
             return
         penalty = self.ewc_lambda * self.penalty(strategy.model)
         strategy.loss = strategy.loss + penalty
-        self.last_penalty = penalty.detach()
+        self.last_penalty = float(penalty.detach())
 
     def after_training_exp(self, strategy: Any, **kwargs: Any) -> None:
         start = time.perf_counter()
-        batches = experience_batches(strategy, self.batch_size or strategy.train_mb_size, self.fisher_samples)
+        batches = experience_batches(
+            strategy, self.batch_size or strategy.train_mb_size, self.fisher_samples
+        )
         importances = fisher_diagonal(strategy.model, batches, self.fisher, self.generator)
         anchor = {name: p.detach() for name, p in strategy.model.named_parameters()}
         if self.mode == "online":
@@ -379,5 +427,7 @@ class EWCPlugin(SupervisedPlugin):
             self.penalty.add(importances, anchor)
         self.consolidation_seconds.append(time.perf_counter() - start)
         log.info(
-            "EWC (%s Fisher): importance pass took %.2f s", self.fisher, self.consolidation_seconds[-1]
+            "EWC (%s Fisher): importance pass took %.2f s",
+            self.fisher,
+            self.consolidation_seconds[-1],
         )

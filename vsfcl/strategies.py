@@ -1,9 +1,10 @@
 """Strategies of the training command: Avalanche strategies plus regularization plugins.
 
 Every sequential method is Avalanche's ``Naive`` strategy (plain fine-tuning) with a
-plugin: :class:`~vsfcl.ewc.EWCPlugin` for EWC and online EWC, Avalanche's
-``SynapticIntelligencePlugin`` for SI, :class:`~vsfcl.baselines.TensorMASPlugin` for
-MAS, :class:`~vsfcl.baselines.LwFPlugin` for LwF and
+plugin: :class:`~vsfcl.ewc.EWCPlugin` for EWC and online EWC,
+:class:`~vsfcl.baselines.CopyingSynapticIntelligencePlugin` (Avalanche's, fixed on CPU)
+for SI, :class:`~vsfcl.baselines.TensorMASPlugin` for MAS,
+:class:`~vsfcl.baselines.LwFPlugin` for LwF and
 :class:`~vsfcl.plugin.FlatnessPlugin` for ours. ``joint`` is Avalanche's
 ``JointTraining`` on the whole stream at once.
 """
@@ -11,26 +12,36 @@ MAS, :class:`~vsfcl.baselines.LwFPlugin` for LwF and
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 from avalanche.core import SupervisedPlugin
 from avalanche.evaluation.metric_definitions import PluginMetric
 from avalanche.logging import BaseLogger
-from avalanche.training.plugins import SynapticIntelligencePlugin
 from avalanche.training.plugins.evaluation import EvaluationPlugin
+from avalanche.training.plugins import EWCPlugin as AvalancheEWCPlugin
 from avalanche.training.supervised import JointTraining, Naive
 from avalanche.training.templates import SupervisedTemplate
 from torch import nn
 
-from vsfcl.baselines import LwFPlugin, TensorMASPlugin
+from vsfcl.baselines import CopyingSynapticIntelligencePlugin, LwFPlugin, TensorMASPlugin
 from vsfcl.ewc import FISHER_ESTIMATES, EWCPlugin
 from vsfcl.plugin import FlatnessPlugin
 from vsfcl.tensor_data import with_tensor_data
 
 # SI is named in full because "si" is kept as the example of an unknown name in the tests.
-STRATEGIES = ("naive", "joint", "ewc", "online_ewc", "synaptic_intelligence", "mas", "lwf", "flatness")
+STRATEGIES = (
+    "naive",
+    "joint",
+    "ewc",
+    "online_ewc",
+    "synaptic_intelligence",
+    "mas",
+    "lwf",
+    "flatness",
+)
 
 
 @dataclass
@@ -45,7 +56,9 @@ class BuiltStrategy:
 def _number(options: Mapping[str, Any], key: str, minimum: float = 0.0) -> float:
     value = options.get(key)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"strategy.{key}={value!r} is invalid; it must be a finite number >= {minimum:g}")
+        raise ValueError(
+            f"strategy.{key}={value!r} is invalid; it must be a finite number >= {minimum:g}"
+        )
     if value < minimum:
         raise ValueError(f"strategy.{key}={value!r} is out of range; it must be >= {minimum:g}")
     return float(value)
@@ -72,11 +85,15 @@ def _optional_count(options: Mapping[str, Any], key: str) -> int | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"strategy.{key}={value!r} is invalid; it must be a positive integer or null")
+        raise ValueError(
+            f"strategy.{key}={value!r} is invalid; it must be a positive integer or null"
+        )
     return value
 
 
-def build_method_plugin(name: str, options: Mapping[str, Any], seed: int = 0) -> SupervisedPlugin | None:
+def build_method_plugin(
+    name: str, options: Mapping[str, Any], seed: int = 0
+) -> SupervisedPlugin | None:
     """Create the plugin of a strategy from its config options (None for naive and joint).
 
     ``seed`` seeds the labels drawn by EWC's ``fisher=sampled``.
@@ -87,6 +104,19 @@ def build_method_plugin(name: str, options: Mapping[str, Any], seed: int = 0) ->
         return None
     if name in ("ewc", "online_ewc"):
         online = name == "online_ewc"
+        implementation = options.get("implementation", "vsfcl")
+        if implementation == "avalanche":
+            # Avalanche 0.6.0's own plugin: batched Fisher through its per-sample loader.
+            return AvalancheEWCPlugin(
+                ewc_lambda=_number(options, "ewc_lambda"),
+                mode="online" if online else "separate",
+                decay_factor=_fraction(options, "decay_factor") if online else None,
+            )
+        if implementation != "vsfcl":
+            raise ValueError(
+                f"strategy.implementation={implementation!r} is invalid; use vsfcl (fast, every "
+                "Fisher estimate) or avalanche (Avalanche's EWCPlugin, batched Fisher only)"
+            )
         return EWCPlugin(
             ewc_lambda=_number(options, "ewc_lambda"),
             fisher=_fisher(options),  # type: ignore[arg-type]
@@ -96,9 +126,13 @@ def build_method_plugin(name: str, options: Mapping[str, Any], seed: int = 0) ->
             seed=seed,
         )
     if name == "synaptic_intelligence":
-        return SynapticIntelligencePlugin(si_lambda=_number(options, "si_lambda"), eps=_number(options, "eps"))
+        return CopyingSynapticIntelligencePlugin(
+            si_lambda=_number(options, "si_lambda"), eps=_number(options, "eps")
+        )
     if name == "mas":
-        return TensorMASPlugin(lambda_reg=_number(options, "mas_lambda"), alpha=_fraction(options, "alpha"))
+        return TensorMASPlugin(
+            lambda_reg=_number(options, "mas_lambda"), alpha=_fraction(options, "alpha")
+        )
     if name == "lwf":
         temperature = _number(options, "temperature")
         if temperature == 0.0:
@@ -142,7 +176,7 @@ def _do_nothing(strategy: Any, **kwargs: Any) -> None:
 def skip_idle_evaluator_callbacks(evaluator: EvaluationPlugin) -> list[str]:
     """Turn off the evaluator's per-minibatch callbacks that no metric or logger uses; return their names.
 
-    Avalanche's ``EvaluationPlugin`` answers every callback by copying the experience in
+    Avalanche's ``EvaluationPlugin`` handles every callback by copying the experience in
     logging mode and polling each metric and logger, several times per minibatch,
     even when none of them acts on that callback. A callback is skipped only when
     every metric inherits ``PluginMetric``'s empty method for it and every logger keeps
@@ -153,7 +187,8 @@ def skip_idle_evaluator_callbacks(evaluator: EvaluationPlugin) -> list[str]:
     for callback in _PER_MINIBATCH_CALLBACKS:
         base_method = getattr(PluginMetric, callback, None)
         metrics_idle = all(
-            isinstance(metric, PluginMetric) and getattr(type(metric), callback, None) is base_method
+            isinstance(metric, PluginMetric)
+            and getattr(type(metric), callback, None) is base_method
             for metric in evaluator.metrics
         )
         loggers_idle = all(
