@@ -20,8 +20,8 @@ import torch
 from avalanche.core import SupervisedPlugin
 from avalanche.evaluation.metric_definitions import PluginMetric
 from avalanche.logging import BaseLogger
-from avalanche.training.plugins.evaluation import EvaluationPlugin
 from avalanche.training.plugins import EWCPlugin as AvalancheEWCPlugin
+from avalanche.training.plugins.evaluation import EvaluationPlugin
 from avalanche.training.supervised import JointTraining, Naive
 from avalanche.training.templates import SupervisedTemplate
 from torch import nn
