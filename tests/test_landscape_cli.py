@@ -168,3 +168,21 @@ def test_command_runs_end_to_end(tmp_path: Path) -> None:
     with np.load(run_dir / "pca.npz") as arrays:
         assert arrays["directions"].shape == (8, 2500)
         assert arrays["flatness"].shape == (8,)
+
+
+@pytest.mark.slow
+def test_command_reports_invalid_setting(tmp_path: Path) -> None:
+    if not _mnist_files_present():
+        pytest.skip(f"real MNIST is not in {default_data_root()}; run vsfcl-data to provision it")
+    run_dir = tmp_path / "run"
+    command = [
+        sys.executable,
+        "-m",
+        "vsfcl.landscape.cli",
+        "train_subset=0",
+        f"hydra.run.dir={run_dir}",
+    ]
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert completed.returncode == 1
+    assert "error: train_subset=0 must be between 1 and 60000" in completed.stderr
+    assert not (run_dir / "summary.json").exists()

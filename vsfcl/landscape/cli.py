@@ -7,6 +7,7 @@ settings and an optimizer factory.
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 import vsfcl
+from vsfcl.data.mnist import MnistUnavailableError
 from vsfcl.landscape.exploration import ExplorationCriterion
 from vsfcl.landscape.pipeline import (
     AnalysisSettings,
@@ -96,7 +98,14 @@ def main(cfg: DictConfig) -> None:
     output_dir = Path(HydraConfig.get().runtime.output_dir)
     optimizer_yaml = OmegaConf.to_yaml(cfg.optimizer, resolve=True).strip()
     log.info("Landscape run in %s with optimizer %s", output_dir, optimizer_yaml)
-    run_landscape(settings, make_optimizer, output_dir)
+    try:
+        run_landscape(settings, make_optimizer, output_dir)
+    except (ValueError, MnistUnavailableError) as error:
+        # Invalid settings and degenerate landscapes (for example L_0 = 0, where the
+        # e*L_0 level is undefined) end with one message; summary.json is not written.
+        log.error("%s", error)
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":
