@@ -1,8 +1,5 @@
 """The tensor data path: same batches and weights as a bare PyTorch loop, less overhead than Avalanche's loader."""
 
-import statistics
-import time
-
 import pytest
 import torch
 from avalanche.training.plugins import EvaluationPlugin
@@ -104,26 +101,18 @@ def test_fast_path_equals_bare_loop(mnist):
 
 
 @pytest.mark.slow
-def test_fast_path_beats_stock_loader(mnist):
-    # A narrow MLP makes the per-sample loading cost dominate, so the ratio is large
-    # and the check survives a busy machine.
+def test_fast_and_stock_paths_learn_alike(mnist):
+    # Speed is measured by benchmarks/speed.py; this checks behaviour only.
     benchmark, experience = _permuted(mnist, 3000)
     test = benchmark.streams["test"][0]
     torch.manual_seed(0)
     initial = build_mlp(hidden_sizes=[32], n_classes=10).state_dict()
-    seconds = {True: [], False: []}
     accuracy = {}
-    for _ in range(3):
-        for fast in (True, False):
-            model = build_mlp(hidden_sizes=[32], n_classes=10)
-            model.load_state_dict(initial)
-            start = time.perf_counter()
-            _train(model, experience, fast)
-            seconds[fast].append(time.perf_counter() - start)
-            with torch.no_grad():
-                accuracy[fast] = float((model(test.x).argmax(1) == test.y).float().mean())
-    ratio = statistics.median(s / f for s, f in zip(seconds[False], seconds[True], strict=False))
-    # About 2x on 2 busy CPU cores; 1.5 leaves room for noise.
-    assert ratio > 1.5, f"fast path only {ratio:.2f}x the stock loader: {seconds}"
+    for fast in (True, False):
+        model = build_mlp(hidden_sizes=[32], n_classes=10)
+        model.load_state_dict(initial)
+        _train(model, experience, fast)
+        with torch.no_grad():
+            accuracy[fast] = float((model(test.x).argmax(1) == test.y).float().mean())
     # Different batch orders, same learning: one epoch on 3,000 images.
     assert abs(accuracy[True] - accuracy[False]) < 0.05, accuracy

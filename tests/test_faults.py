@@ -450,3 +450,25 @@ def test_flatness_rejects_bad_search_settings(keyword, value, message):
     settings = {"initial_step": 1.0, "max_offset": 10.0, keyword: value}
     with pytest.raises(ValueError, match=message):
         find_flatness(lambda i, o: o.double() ** 2 + 1.0, 1, 1.0, **settings)
+
+
+def test_unmatched_parameter_pattern_fails_before_training(mnist, tmp_path):
+    from hydra import compose, initialize_config_dir
+
+    from vsfcl.train import config_dir, run
+    from vsfcl.validation import ConfigError
+
+    overrides = [
+        "strategy=flatness",
+        "strategy.parameters=[nomatch.*]",
+        "benchmark.train_samples=1000",
+        "batch_size=32",
+        "benchmark.test_samples=20",
+        "train_epochs=1",
+        "progress_bar=false",
+    ]
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        cfg = compose("train", overrides=overrides)
+    with pytest.raises(ConfigError, match="pattern 'nomatch.\\*' matches no parameter"):
+        run(cfg, tmp_path)
+    assert not (tmp_path / "results.json").exists()

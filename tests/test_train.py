@@ -139,3 +139,35 @@ def test_flatness_penalty_logged_to_tensorboard(mnist, tmp_path):
 def test_num_threads_validated(tmp_path):
     with pytest.raises(Exception, match="num_threads=0 is invalid"):
         _run([*QUICK, "num_threads=0"], tmp_path)
+
+
+@pytest.mark.slow
+def test_sweep_summary_orders_jobs_and_shows_overrides(tmp_path):
+    from vsfcl.sweep import collect_results
+
+    for job, strength in ((10, "1"), (2, "3")):
+        run_dir = tmp_path / str(job)
+        (run_dir / ".hydra").mkdir(parents=True)
+        (run_dir / ".hydra" / "overrides.yaml").write_text(
+            f"- strategy.ewc_lambda={strength}\n- hydra.run.dir=x\n"
+        )
+        result = {
+            "strategy": "ewc",
+            "benchmark": "b",
+            "seed": 0,
+            "acc": 0.5,
+            "bwt": None,
+            "forgetting": None,
+            "train_seconds": [1.0],
+            "consolidation_seconds": [0.0],
+        }
+        (run_dir / "results.json").write_text(json.dumps(result))
+    results, skipped = collect_results(tmp_path)
+    assert skipped == []
+    assert [r["overrides"] for r in results] == [
+        ["strategy.ewc_lambda=3"],
+        ["strategy.ewc_lambda=1"],
+    ]
+    table = format_table(results)
+    assert "overrides" in table.splitlines()[0]
+    assert table.index("strategy.ewc_lambda=3") < table.index("strategy.ewc_lambda=1")

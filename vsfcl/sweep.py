@@ -8,19 +8,40 @@ from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger(__name__)
 
 
+def _job_order(path: Path) -> tuple[int, int, str]:
+    """Sort Hydra job folders 0, 1, 2, ..., 10 by number, other folders after them by path."""
+    name = path.parent.name
+    return (0, int(name), "") if name.isdigit() else (1, 0, str(path))
+
+
+def _job_overrides(run_dir: Path) -> list[str]:
+    """Return the command-line overrides Hydra recorded for a job, without ``hydra.*`` keys."""
+    path = run_dir / ".hydra" / "overrides.yaml"
+    if not path.is_file():
+        return []
+    overrides = OmegaConf.load(path)
+    return [str(item) for item in overrides if not str(item).startswith("hydra.")]
+
+
 def collect_results(sweep_dir: Path) -> tuple[list[dict[str, Any]], list[str]]:
-    """Read every ``results.json`` below ``sweep_dir``; return the results and the skipped paths."""
+    """Read every ``results.json`` below ``sweep_dir`` in job order.
+
+    Returns the results, each with the job's ``overrides`` added, and the skipped paths.
+    """
     results, skipped = [], []
-    for path in sorted(sweep_dir.glob("**/results.json")):
+    for path in sorted(sweep_dir.glob("**/results.json"), key=_job_order):
         try:
-            results.append(json.loads(path.read_text(encoding="utf-8")))
+            result = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError) as error:
             skipped.append(f"{path} ({error})")
+            continue
+        result["overrides"] = _job_overrides(path.parent)
+        results.append(result)
     return results, skipped
 
 

@@ -55,7 +55,7 @@ from vsfcl.data.mnist import DataRootError, MnistUnavailableError, load_mnist
 from vsfcl.io import write_json_atomic
 from vsfcl.metrics import average_accuracy, backward_transfer, forgetting
 from vsfcl.models import build_mlp
-from vsfcl.plugin import FlatnessPlugin
+from vsfcl.plugin import FlatnessPlugin, select_parameters
 from vsfcl.progress import ConsolidationClock, PenaltyMetric, ProgressBar
 from vsfcl.scenarios import TensorBenchmark, permuted_mnist, split_mnist
 from vsfcl.strategies import build_strategy
@@ -290,6 +290,11 @@ def _build_session(
     )
     if isinstance(built.method_plugin, FlatnessPlugin):
         progress_bar.penalty_source = built.method_plugin
+        # A pattern that matches no parameter would otherwise fail at the first step.
+        try:
+            select_parameters(model, built.method_plugin.parameter_patterns)
+        except ValueError as error:
+            raise ConfigError(f"strategy.parameters: {error}") from None
 
     eval_streams = {"test": scenario.test_stream}
     if cfg.eval_valid:
@@ -466,6 +471,9 @@ def _results(
 def format_table(results: list[dict[str, Any]]) -> str:
     """Format runs side by side: accuracy, BWT, forgetting and time."""
     header = f"{'strategy':<12} {'benchmark':<20} {'seed':>4} {'acc':>7} {'bwt':>7} {'forget':>7} {'train s':>8} {'consol s':>8}"
+    show_overrides = any(result.get("overrides") for result in results)
+    if show_overrides:
+        header += "  overrides"
     lines = [header, "-" * len(header)]
 
     def number(value: float | None) -> str:
@@ -476,6 +484,7 @@ def format_table(results: list[dict[str, Any]]) -> str:
             f"{result['strategy']:<12} {result['benchmark']:<20} {result['seed']:>4} "
             f"{number(result['acc'])} {number(result['bwt'])} {number(result['forgetting'])} "
             f"{sum(result['train_seconds']):8.1f} {sum(result['consolidation_seconds']):8.1f}"
+            + ("  " + " ".join(result.get("overrides", [])) if show_overrides else "")
         )
     return "\n".join(lines)
 
