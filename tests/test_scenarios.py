@@ -19,7 +19,8 @@ def test_split_mnist_scenarios(mnist, scenario, n_classes, n_heads):
     assert sum(len(e) for e in benchmark.streams["test"]) == 10_000
     for index, test in enumerate(benchmark.streams["test"]):
         assert test.x.shape[1] == 784
-        assert 0.0 <= float(test.x.min()) and float(test.x.max()) <= 1.0
+        assert float(test.x.min()) >= 0.0
+        assert float(test.x.max()) <= 1.0
         expected_task = index if scenario == "task" else 0
         assert set(test.t.tolist()) == {expected_task}
         labels = set(test.y.tolist())

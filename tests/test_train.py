@@ -111,7 +111,8 @@ def test_cli_sweep_writes_results_and_summary(mnist, tmp_path):
     strategies = {json.loads(p.read_text())["strategy"] for p in results}
     assert strategies == {"naive", "ewc"}
     assert "sweep summary" in completed.stdout
-    assert "naive" in completed.stdout and "ewc" in completed.stdout
+    assert "naive" in completed.stdout
+    assert "ewc" in completed.stdout
 
 
 @pytest.mark.slow
@@ -119,7 +120,8 @@ def test_cli_rejects_unknown_strategy(tmp_path):
     command = [sys.executable, "-m", "vsfcl.train", "strategy=si", f"hydra.run.dir={tmp_path}"]
     completed = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert completed.returncode != 0
-    assert "strategy" in completed.stderr and "si" in completed.stderr
+    assert "strategy" in completed.stderr
+    assert "si" in completed.stderr
     assert not (tmp_path / "results.json").exists()
 
 

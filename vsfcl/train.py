@@ -299,7 +299,7 @@ def _build_session(
     eval_streams = {"test": scenario.test_stream}
     if cfg.eval_valid:
         eval_streams["valid"] = scenario.valid_stream
-    # Joint training sees the whole stream at once and is evaluated once.
+    # Joint training trains on the whole stream at once and is evaluated once.
     phases = [scenario.train_stream] if built.joint else list(scenario.train_stream)
     return Session(built.strategy, built.method_plugin, clock, phases, eval_streams)
 
