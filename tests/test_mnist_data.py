@@ -755,3 +755,10 @@ def test_real_mnist_at_default_root():
     assert torch.bincount(arrays.train_labels).tolist() == REAL_TRAIN_LABEL_COUNTS
     assert int(torch.bincount(arrays.test_labels).sum()) == 10000
     assert int(arrays.train_images.max()) == 255
+
+
+def test_root_under_a_file_is_rejected(tmp_path):
+    blocker = tmp_path / "afile"
+    blocker.write_text("not a folder")
+    with pytest.raises(mnist.DataRootError, match="is a file; choose another data root"):
+        mnist.ensure_mnist(blocker / "data", sources=("local",))

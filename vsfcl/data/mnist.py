@@ -848,6 +848,12 @@ def ensure_mnist(
         )
     root_dir = _resolve_root(root)
     raw_dir = mnist_raw_dir(root_dir)
+    for parent in (root_dir, *root_dir.parents):
+        if parent.exists() and not parent.is_dir():
+            raise DataRootError(
+                f"cannot create {raw_dir} because {parent} is a file; choose another data "
+                "root (the data_root setting, --root DIR or VSFCL_DATA_ROOT)"
+            )
 
     failures: list[tuple[str, str]] = []
     for source in source_names:
