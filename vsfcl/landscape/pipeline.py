@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from vsfcl.flatness import FlatnessResult, find_flatness
+from vsfcl.flatness import FlatnessResult
 from vsfcl.landscape import figures
 from vsfcl.landscape.artifacts import save_arrays, to_json_value, write_json
 from vsfcl.landscape.curvature import compare_curvature_with_flatness, hessian_quadratic_forms
@@ -501,18 +501,13 @@ def analyse_trajectory(
         response_cache_bytes=int(settings.response_cache_mib * 1024**2),
     )
     clock = time.perf_counter()
-    loss0 = evaluator.center_loss()
-    initial_step = (
-        settings.initial_step_scale * pca.variances[:n_directions].double().sqrt()
-    ).clamp_min(1e-8)
-    flatness = find_flatness(
-        evaluator.loss_along(),
-        n_directions,
-        loss0,
-        initial_step.cpu(),
+    flatness = evaluator.flatness(
+        pca.variances[:n_directions],
+        settings.initial_step_scale,
         settings.max_offset,
-        rtol=settings.flatness_rtol,
+        settings.flatness_rtol,
     )
+    loss0 = flatness.loss0
     timing["flatness_seconds"] = time.perf_counter() - clock
     n_censored = int(flatness.censored.sum())
     log.info(

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
-from vsfcl.flatness import LossAlong
+from vsfcl.flatness import FlatnessResult, LossAlong, find_flatness
 from vsfcl.landscape.trajectory import unflatten_parameters
 from vsfcl.models import MLP
 
@@ -303,6 +303,24 @@ class ProfileEvaluator:
     def loss_along(self) -> LossAlong:
         """Return the ``loss_along(direction_index, offset)`` callable of :func:`find_flatness`."""
         return self.losses
+
+    def flatness(
+        self, variances: Tensor, initial_step_scale: float, max_offset: float, rtol: float
+    ) -> FlatnessResult:
+        """Find the ``e L_0`` crossings along the first ``len(variances)`` directions.
+
+        The search on direction ``i`` starts at ``initial_step_scale * sigma_i``, where
+        ``sigma_i^2`` is ``variances[i]``, because the crossing scales with the spread.
+        """
+        initial_step = (initial_step_scale * variances.double().sqrt()).clamp_min(1e-8)
+        return find_flatness(
+            self.loss_along(),
+            int(variances.shape[0]),
+            self.center_loss(),
+            initial_step.cpu(),
+            max_offset,
+            rtol=rtol,
+        )
 
     def profile_grid(self, direction_indices: Sequence[int], offsets: Tensor) -> Tensor:
         """Evaluate profiles on a grid of offsets.

@@ -45,7 +45,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
-from vsfcl.flatness import FlatnessResult, find_flatness  # noqa: E402
+from vsfcl.flatness import FlatnessResult  # noqa: E402
 from vsfcl.landscape.artifacts import to_json_value  # noqa: E402
 from vsfcl.landscape.correlation import CorrelationTimes, correlation_times  # noqa: E402
 from vsfcl.landscape.fit import VarianceFlatnessFit, fit_variance_flatness  # noqa: E402
@@ -827,15 +827,8 @@ def run_langevin_contrast(
         targets,
         chunk_size=min(settings.chunk_size, n_samples),
     )
-    loss0 = evaluator.center_loss()
-    initial_step = (settings.initial_step_scale * pca.variances.double().sqrt()).clamp_min(1e-8)
-    flatness = find_flatness(
-        evaluator.loss_along(),
-        n_directions,
-        loss0,
-        initial_step.cpu(),
-        settings.max_offset,
-        rtol=settings.flatness_rtol,
+    flatness = evaluator.flatness(
+        pca.variances, settings.initial_step_scale, settings.max_offset, settings.flatness_rtol
     )
     timing["flatness_seconds"] = time.perf_counter() - clock
 
