@@ -5,7 +5,8 @@ Measured in one process on MNIST images with a 2-hidden-layer MLP of each width:
 - ``step``: one training step (forward, backward, Adam) on a minibatch of 128, alone
   and with each penalty: EWC as :class:`vsfcl.ewc.EWCPlugin` stores it (one combined
   quadratic), EWC as Avalanche 0.6.0's ``EWCPlugin`` stores it (one per past
-  experience) and the flatness penalty (``K`` rows per past experience). The step
+  experience) and the flatness penalty (``K`` rows per past experience, or merged
+  into ``K`` rows over all past experiences with ``max_directions=K``). The step
   variants are interleaved, and the median over ``--steps`` steps is kept.
 - ``consolidation``: the work after an experience. For EWC, the Fisher pass over
   ``--fisher-samples`` images; for flatness, PCA of ``n_snapshots`` planted snapshots
@@ -24,7 +25,6 @@ import argparse
 import json
 import statistics
 import time
-from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -66,10 +66,18 @@ def random_subspaces(
     return subspaces
 
 
-def penalties(
-    model: nn.Module, n_experiences: int, n_directions: int
-) -> dict[str, Callable[[Any], None]]:
-    """Return the ``before_backward`` of each penalty, filled with ``n_experiences`` past experiences."""
+class NoPenalty:
+    """Stand-in plugin of the naive step."""
+
+    def before_backward(self, strategy: Any) -> None:
+        pass
+
+    def after_backward(self, strategy: Any) -> None:
+        pass
+
+
+def penalties(model: nn.Module, n_experiences: int, n_directions: int) -> dict[str, Any]:
+    """Return each penalty's plugin, filled with ``n_experiences`` past experiences."""
     named = dict(model.named_parameters())
     ours = EWCPlugin(1.0)
     avalanche = AvalancheEWCPlugin(1.0)
@@ -84,40 +92,46 @@ def penalties(
             n: ParamData(n, init_tensor=v) for n, v in anchor.items()
         }
     flatness = FlatnessPlugin(n_directions=n_directions, n_snapshots=n_directions + 1)
+    merged = FlatnessPlugin(
+        n_directions=n_directions, n_snapshots=n_directions + 1, max_directions=n_directions
+    )
     weights = torch.cat([p.detach().flatten() for p in named.values()])
     for subspace in random_subspaces(weights.numel(), n_directions, n_experiences, weights):
         flatness.penalty.add(subspace)
+        merged.penalty.add(subspace)
     return {
-        "naive": lambda strategy: None,
-        "ewc_vsfcl": ours.before_backward,
-        "ewc_avalanche": avalanche.before_backward,
-        "flatness": flatness.before_backward,
+        "naive": NoPenalty(),
+        "ewc_vsfcl": ours,
+        "ewc_avalanche": avalanche,
+        "flatness": flatness,
+        "flatness_merged": merged,
     }
 
 
 def time_steps(
     model: nn.Module,
-    hooks: dict[str, Callable[[Any], None]],
+    plugins: dict[str, Any],
     batch: tuple,
     n_experiences: int,
     steps: int,
 ) -> dict[str, float]:
-    """Median seconds per training step with each penalty hook, interleaved."""
+    """Median seconds per training step with each penalty's hooks, interleaved."""
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
     x, y, _ = batch
-    times: dict[str, list[float]] = {name: [] for name in hooks}
+    times: dict[str, list[float]] = {name: [] for name in plugins}
     strategy = SimpleNamespace(
         model=model,
         device=torch.device("cpu"),
         clock=SimpleNamespace(train_exp_counter=n_experiences),
     )
     for step in range(steps + 1):
-        for name, hook in hooks.items():
+        for name, plugin in plugins.items():
             start = time.perf_counter()
             strategy.loss = F.cross_entropy(model(x), y)
-            hook(strategy)
+            plugin.before_backward(strategy)
             optimizer.zero_grad()
             strategy.loss.backward()
+            plugin.after_backward(strategy)
             optimizer.step()
             if step > 0:  # the first round warms up
                 times[name].append(time.perf_counter() - start)

@@ -85,10 +85,21 @@ def point_name(overrides: list[str]) -> str:
 
 
 def run_once(
-    benchmark: str, method: str, overrides: list[str], seed: int, extra: list[str], out: Path
+    benchmark: str,
+    method: str,
+    overrides: list[str],
+    seed: int,
+    extra: list[str],
+    out: Path,
+    name: str | None = None,
 ) -> dict[str, Any]:
-    """Train one configuration, or load its stored result; return the result."""
-    path = out / benchmark / method / point_name(overrides) / f"seed{seed}.json"
+    """Train one configuration, or load its stored result; return the result.
+
+    The result goes to ``<out>/<benchmark>/<method>/<name>/seed<seed>.json``, where
+    ``name`` defaults to :func:`point_name` of the overrides.
+    """
+    name = name or point_name(overrides)
+    path = out / benchmark / method / name / f"seed{seed}.json"
     if path.is_file():
         return json.loads(path.read_text())
     all_overrides = [
@@ -110,7 +121,7 @@ def run_once(
         "%s %s %s seed %d: valid_acc %.4f, test acc %.4f, %.0f s",
         benchmark,
         method,
-        point_name(overrides),
+        name,
         seed,
         result.get("valid_acc", float("nan")),
         result["acc"],

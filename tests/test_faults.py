@@ -293,10 +293,10 @@ def test_nan_loss_names_experience_and_iteration(mnist, tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_infinite_penalty_blames_strength(mnist, tmp_path, monkeypatch):
-    def infinite_penalty(self, weights):
-        return weights.sum() * 0.0 + math.inf
+    def infinite_penalty(self, displacement):
+        return displacement.sum() * 0.0 + math.inf
 
-    monkeypatch.setattr(SubspacePenalty, "__call__", infinite_penalty)
+    monkeypatch.setattr(SubspacePenalty, "value", infinite_penalty)
     expected = r"experience 1, epoch 0, iteration 0 .*penalty inf\); the penalty overflowed, so lower the penalty strength strategy.strength=1"
     with pytest.raises(DivergenceError, match=expected):
         run(_compose(FLATNESS), tmp_path)

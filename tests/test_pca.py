@@ -61,3 +61,16 @@ def test_pca_rejects_bad_input():
         trajectory_pca(torch.zeros(4, 5), n_components=9)
     with pytest.raises(ValueError, match="shape"):
         trajectory_pca(torch.zeros(4))
+
+
+def test_single_precision_matches_double_on_leading_components():
+    generator = torch.Generator().manual_seed(3)
+    scales = torch.tensor([3.0, 2.0, 1.0, 0.5, 0.1], dtype=torch.float64)
+    snapshots = torch.randn(60, 5, generator=generator, dtype=torch.float64) * scales
+    snapshots = snapshots @ torch.linalg.qr(torch.randn(400, 5, dtype=torch.float64))[0].T
+    double = trajectory_pca(snapshots, 3)
+    single = trajectory_pca(snapshots, 3, precision=torch.float32)
+    torch.testing.assert_close(single.variances, double.variances, rtol=1e-4, atol=0.0)
+    torch.testing.assert_close(single.directions, double.directions, rtol=0.0, atol=1e-4)
+    with pytest.raises(ValueError, match="precision=torch.float16 is invalid"):
+        trajectory_pca(snapshots, 3, precision=torch.float16)

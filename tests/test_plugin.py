@@ -132,6 +132,7 @@ def test_penalty_pulls_back_only_along_kept_directions():
         ({"window_fraction": 0.0}, "window_fraction=0.0 is out of range"),
         ({"stiffness": "fisher"}, "stiffness='fisher' is invalid"),
         ({"n_snapshots": 1}, "n_snapshots=1"),
+        ({"max_directions": 0}, "max_directions=0 is invalid"),
     ],
 )
 def test_plugin_rejects_bad_settings(kwargs, message):
@@ -144,3 +145,55 @@ def test_select_parameters_rejects_unknown_pattern():
     assert [n for n, _ in select_parameters(model, ["0.weight"])] == ["0.weight"]
     with pytest.raises(ValueError, match="matches no parameter"):
         select_parameters(model, ["features.*"])
+
+
+def _train_one_step(plugin: FlatnessPlugin, strategy, weights) -> torch.Tensor:
+    """Set the bowl's weights, run the plugin around a backward pass, return the gradient."""
+    with torch.no_grad():
+        strategy.model.w.copy_(torch.tensor(weights, dtype=torch.float64))
+    strategy.model.w.grad = None
+    strategy.loss = strategy.model.w.sum() * 0.0
+    plugin.before_backward(strategy)
+    strategy.loss.backward()
+    plugin.after_backward(strategy)
+    return strategy.model.w.grad.clone()
+
+
+def test_penalty_gradient_reaches_the_parameters():
+    plugin = FlatnessPlugin(strength=2.0, n_directions=2, n_snapshots=200, stiffness="hessian")
+    strategy = _strategy(bowl_criterion)
+    _plant_snapshots(plugin, [1.0, 0.5, 0.2, 0.1])
+    plugin.after_training_exp(strategy)
+    gradient = _train_one_step(plugin, strategy, [0.1, 0.2, 0.3, 0.4])
+    # lambda * k_i * displacement along the kept axes 0 and 1, nothing along 2 and 3.
+    expected = torch.tensor([2.0 * 50 * 0.1, 2.0 * 8 * 0.2, 0.0, 0.0], dtype=torch.float64)
+    torch.testing.assert_close(gradient, expected, rtol=1e-3, atol=1e-5)
+    assert plugin.last_penalty == pytest.approx(0.5 * 2.0 * (50 * 0.01 + 8 * 0.04), rel=1e-3)
+
+
+def test_capped_plugin_keeps_the_stiffest_directions_over_experiences():
+    capped = FlatnessPlugin(n_directions=2, n_snapshots=200, stiffness="hessian", max_directions=3)
+    stacked = FlatnessPlugin(n_directions=2, n_snapshots=200, stiffness="hessian")
+    strategy = _strategy(bowl_criterion)
+    for experience, stds in enumerate(([1.0, 0.5, 0.2, 0.1], [0.1, 0.2, 1.0, 0.5])):
+        strategy.experience.current_experience = experience
+        for plugin in (capped, stacked):
+            _plant_snapshots(plugin, stds)
+            plugin.after_training_exp(strategy)
+    # Experience 0 keeps axes 0 and 1, experience 1 axes 2 and 3 (curvatures 50, 8, 2,
+    # 0.5); three rows hold the stiffest three.
+    assert stacked.penalty.n_rows == 4 and capped.penalty.n_rows == 3
+    torch.testing.assert_close(
+        capped.penalty.subspaces[0].stiffness,
+        torch.tensor([50.0, 8.0, 2.0], dtype=torch.float64),
+        rtol=1e-3,
+        atol=1e-6,
+    )
+    restored = FlatnessPlugin(
+        n_directions=2, n_snapshots=200, stiffness="hessian", max_directions=3
+    )
+    restored.load_state_dict(capped.state_dict())
+    point = [0.3, -0.2, 0.1, 0.4]
+    torch.testing.assert_close(
+        _train_one_step(restored, strategy, point), _train_one_step(capped, strategy, point)
+    )

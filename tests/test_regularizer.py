@@ -3,7 +3,12 @@ import math
 import pytest
 import torch
 
-from vsfcl.regularizer import SharpSubspace, SubspacePenalty, stiffness_from_variance
+from vsfcl.regularizer import (
+    SharpSubspace,
+    SubspacePenalty,
+    merge_subspaces,
+    stiffness_from_variance,
+)
 
 
 def _random_subspace(
@@ -93,3 +98,77 @@ def test_stiffness_from_variance_follows_power_law():
 def test_stiffness_from_zero_variance_raises():
     with pytest.raises(ValueError, match="identical"):
         stiffness_from_variance(torch.zeros(3))
+
+
+def test_merged_penalty_equals_stacked_up_to_a_constant():
+    subspaces = [_random_subspace(30, 4, seed=10 + e, experience=e) for e in range(3)]
+    stacked, merged = SubspacePenalty(), SubspacePenalty(max_rows=12)
+    for subspace in subspaces:
+        stacked.add(subspace)
+        merged.add(subspace)
+    assert merged.n_rows == 12 and len(merged) == 1
+    generator = torch.Generator().manual_seed(0)
+    points = [torch.randn(30, generator=generator, dtype=torch.float64) for _ in range(3)]
+    offsets = [float(stacked(w) - merged(w)) for w in points]
+    assert offsets == pytest.approx([offsets[0]] * 3, abs=1e-9)
+    for w in points:
+        torch.testing.assert_close(merged.gradient(w), stacked.gradient(w), rtol=1e-9, atol=1e-10)
+
+
+def test_capped_merge_keeps_the_stiffest_directions_of_the_sum():
+    subspaces = [_random_subspace(25, 5, seed=20 + e, experience=e) for e in range(3)]
+    merged = merge_subspaces(subspaces, max_rows=4)
+    summed = sum(s.directions.T @ torch.diag(s.stiffness) @ s.directions for s in subspaces)
+    eigenvalues, eigenvectors = torch.linalg.eigh(summed)
+    torch.testing.assert_close(merged.stiffness, eigenvalues.flip(0)[:4], rtol=1e-9, atol=1e-10)
+    # Same subspace: the projector onto the kept rows matches the top eigenvectors'.
+    top = eigenvectors[:, -4:]
+    torch.testing.assert_close(
+        merged.directions.T @ merged.directions, top @ top.T, rtol=1e-8, atol=1e-9
+    )
+    assert merged.experience == 2
+
+
+def test_merge_of_one_subspace_returns_it():
+    subspace = _random_subspace(20, 3, seed=30)
+    merged = merge_subspaces([subspace], max_rows=3)
+    weights = torch.randn(20, dtype=torch.float64)
+    single = SubspacePenalty()
+    single.add(subspace)
+    again = SubspacePenalty()
+    again.add(merged)
+    torch.testing.assert_close(again(weights), single(weights), rtol=1e-10, atol=1e-12)
+
+
+def test_gradient_on_parameter_tensors_matches_autograd():
+    generator = torch.Generator().manual_seed(1)
+    parameters = [
+        torch.randn(shape, generator=generator, dtype=torch.float64, requires_grad=True)
+        for shape in ((4, 5), (4,), (3, 4), (3,))
+    ]
+    penalty = SubspacePenalty()
+    penalty.add(_random_subspace(39, 6, seed=40))
+    penalty.add(_random_subspace(39, 2, seed=41, experience=1))
+    weights = torch.cat([p.reshape(-1) for p in parameters])
+    (3.0 * penalty(weights)).backward()
+    expected = [p.grad.clone() for p in parameters]
+    for parameter in parameters:
+        parameter.grad = torch.ones_like(parameter)
+    displacement = penalty.displacement(parameters)
+    assert float(penalty.value(displacement)) == pytest.approx(float(penalty(weights)), rel=1e-12)
+    penalty.accumulate_gradient(parameters, displacement, scale=3.0)
+    for parameter, grad in zip(parameters, expected, strict=True):
+        # The gradient is added to what backward left there.
+        torch.testing.assert_close(parameter.grad, grad + 1.0, rtol=1e-10, atol=1e-12)
+
+
+def test_penalty_rejects_parameters_of_another_size():
+    penalty = SubspacePenalty()
+    penalty.add(_random_subspace(10, 2, seed=50))
+    with pytest.raises(ValueError, match="hold 9 values but the penalty was built for 10"):
+        penalty.displacement([torch.zeros(9, dtype=torch.float64)])
+
+
+def test_penalty_rejects_bad_cap():
+    with pytest.raises(ValueError, match="max_rows=0"):
+        SubspacePenalty(max_rows=0)

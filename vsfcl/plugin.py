@@ -134,6 +134,12 @@ class FlatnessPlugin(SupervisedPlugin):
         First offset tried on each side of the anchor, in weight units; the search
         doubles it until the loss reaches ``e L_0``, then refines the bracket. A value
         near the expected half-flatness saves loss evaluations.
+    max_directions : int, optional
+        Cap on the directions kept over all past experiences. ``None`` keeps ``K`` per
+        experience, so the cost per step grows with the number of past experiences.
+        With a cap, each experience's penalty is merged into the sum of the earlier
+        ones and only the ``max_directions`` stiffest directions of that sum are kept
+        (see :func:`vsfcl.regularizer.merge_subspaces`), so the cost stays constant.
     """
 
     def __init__(
@@ -149,6 +155,7 @@ class FlatnessPlugin(SupervisedPlugin):
         profile_max_offset: float = 50.0,
         profile_rtol: float = 1e-2,
         profile_initial_step: float = 1.0,
+        max_directions: int | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(strength, (int, float)) or not math.isfinite(strength) or strength < 0:
@@ -172,6 +179,11 @@ class FlatnessPlugin(SupervisedPlugin):
             )
         if psi <= 0:
             raise ValueError(f"psi={psi} must be positive")
+        if max_directions is not None and max_directions < 1:
+            raise ValueError(
+                f"max_directions={max_directions} is invalid; it must be at least 1, or "
+                "None to keep n_directions per experience"
+            )
         if profile_samples < 1:
             raise ValueError(f"profile_samples={profile_samples} must be at least 1")
         if profile_max_offset <= 0:
@@ -194,9 +206,11 @@ class FlatnessPlugin(SupervisedPlugin):
         self.profile_rtol = profile_rtol
         self.profile_initial_step = profile_initial_step
 
-        self.penalty = SubspacePenalty()
+        self.max_directions = max_directions
+        self.penalty = SubspacePenalty(max_rows=max_directions)
         self.consolidations: list[Consolidation] = []
         self.last_penalty = 0.0
+        self._displacement: Tensor | None = None
         self._names: list[str] | None = None
         self._snapshots: list[Tensor] = []
         self._iteration = 0
@@ -222,13 +236,24 @@ class FlatnessPlugin(SupervisedPlugin):
         self.penalty.to(strategy.device)
 
     def before_backward(self, strategy: Any, **kwargs: Any) -> None:
+        self._displacement = None
         if self.penalty.n_rows == 0 or self.strength == 0.0:
             self.last_penalty = 0.0
             return
-        weights = flatten([p for _, p in self._parameters(strategy.model)])
-        penalty = self.strength * self.penalty(weights)
-        self.last_penalty = float(penalty.detach())
+        parameters = [p for _, p in self._parameters(strategy.model)]
+        self._displacement = self.penalty.displacement(parameters)
+        penalty = self.strength * self.penalty.value(self._displacement)
+        self.last_penalty = float(penalty)
+        # The value joins the loss for logging and the divergence check; its gradient is
+        # added in after_backward, which is cheaper than differentiating it.
         strategy.loss = strategy.loss + penalty
+
+    def after_backward(self, strategy: Any, **kwargs: Any) -> None:
+        if self._displacement is None:
+            return
+        parameters = [p for _, p in self._parameters(strategy.model)]
+        self.penalty.accumulate_gradient(parameters, self._displacement, self.strength)
+        self._displacement = None
 
     def after_training_iteration(self, strategy: Any, **kwargs: Any) -> None:
         offset = self._iteration - self._window_start
@@ -323,7 +348,8 @@ class FlatnessPlugin(SupervisedPlugin):
                 n_directions,
                 self.n_directions,
             )
-        pca = trajectory_pca(snapshots, n_directions)
+        # Only the leading directions are kept, so single precision is enough.
+        pca = trajectory_pca(snapshots, n_directions, precision=torch.float32)
         parameters = [p for _, p in self._parameters(strategy.model)]
         anchor = flatten(parameters).detach().clone()
         # Snapshots are stored in float32; the penalty works in the model's precision.

@@ -36,6 +36,7 @@ The last two are choices of this package, not of the paper.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -88,14 +89,29 @@ class SubspacePenalty:
 
     All subspaces are stacked into one matrix, so evaluating the penalty costs one
     (n_rows, n_params) matrix-vector product, with ``n_rows`` the total number of
-    kept directions.
+    kept directions, and its gradient one more.
+
+    Parameters
+    ----------
+    max_rows : int, optional
+        Cap on ``n_rows``. ``None`` stacks every subspace as it is, so the cost per
+        step grows with the number of past experiences. With a cap, each new subspace
+        is merged with the stored ones into a single quadratic form (the sum of all of
+        them, which has one combined anchor), and only the ``max_rows`` stiffest
+        eigendirections of that form are kept. While the summed rank stays within the
+        cap, the merged penalty equals the stacked one up to a constant.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, max_rows: int | None = None) -> None:
+        if max_rows is not None and max_rows < 1:
+            raise ValueError(f"max_rows={max_rows} must be at least 1, or None for no cap")
+        self.max_rows = max_rows
         self.subspaces: list[SharpSubspace] = []
         self._directions: Tensor | None = None  # (n_rows, n_params)
         self._targets: Tensor | None = None  # (n_rows,), p_i . w*
         self._stiffness: Tensor | None = None  # (n_rows,)
+        self._blocks: list[Tensor] = []  # column blocks of _directions, one per parameter
+        self._block_sizes: list[int] = []
 
     def __len__(self) -> int:
         return len(self.subspaces)
@@ -105,7 +121,7 @@ class SubspacePenalty:
         return 0 if self._directions is None else int(self._directions.shape[0])
 
     def add(self, subspace: SharpSubspace) -> None:
-        """Append a past experience's subspace to the penalty."""
+        """Add a past experience's subspace to the penalty, merging it when capped."""
         if (
             self._directions is not None
             and subspace.directions.shape[1] != self._directions.shape[1]
@@ -114,26 +130,35 @@ class SubspacePenalty:
                 f"subspace has {subspace.directions.shape[1]} parameters but earlier ones have "
                 f"{self._directions.shape[1]}; the regularized parameter set must not change"
             )
-        self.subspaces.append(subspace)
+        if self.max_rows is None:
+            self.subspaces.append(subspace)
+        else:
+            self.subspaces = [merge_subspaces([*self.subspaces, subspace], self.max_rows)]
         self._rebuild()
 
     def replace_all(self, subspaces: list[SharpSubspace]) -> None:
         """Replace the stored subspaces, for example when restoring a checkpoint."""
         self.subspaces = []
         self._directions = self._targets = self._stiffness = None
+        self._blocks, self._block_sizes = [], []
+        if self.max_rows is not None and len(subspaces) > 1:
+            subspaces = [merge_subspaces(subspaces, self.max_rows)]
         for subspace in subspaces:
-            self.add(subspace)
+            self.subspaces.append(subspace)
+            self._rebuild()
 
     def _rebuild(self) -> None:
         self._directions = torch.cat([s.directions for s in self.subspaces])
         self._targets = torch.cat([s.directions @ s.anchor for s in self.subspaces])
         self._stiffness = torch.cat([s.stiffness for s in self.subspaces])
+        self._blocks, self._block_sizes = [], []
 
     def to(self, device: torch.device | str) -> SubspacePenalty:
         if self._directions is not None:
             self._directions = self._directions.to(device)
             self._targets = self._targets.to(device)  # type: ignore[union-attr]
             self._stiffness = self._stiffness.to(device)  # type: ignore[union-attr]
+            self._blocks, self._block_sizes = [], []
         return self
 
     def __call__(self, weights: Tensor) -> Tensor:
@@ -151,6 +176,100 @@ class SubspacePenalty:
             return torch.zeros_like(weights)
         displacement = directions @ weights - targets
         return (stiffness * displacement) @ directions
+
+    # The two methods below work on the parameter tensors themselves. Training calls
+    # them instead of flattening the weights and differentiating the penalty: a
+    # concatenation and an autograd graph per step cost more than the products.
+
+    @torch.no_grad()
+    def displacement(self, parameters: Sequence[Tensor]) -> Tensor:
+        """Return ``p_i . w - p_i . w*`` of shape (n_rows,) from the parameter tensors."""
+        directions, targets = self._directions, self._targets
+        if directions is None or targets is None:
+            raise RuntimeError("the penalty holds no subspace yet")
+        blocks = self._column_blocks(parameters)
+        projection = targets.neg()
+        for block, parameter in zip(blocks, parameters, strict=True):
+            projection.addmv_(block, parameter.reshape(-1))
+        return projection
+
+    def value(self, displacement: Tensor) -> Tensor:
+        """Return the penalty (without ``lambda``) for a :meth:`displacement`."""
+        assert self._stiffness is not None
+        return 0.5 * torch.sum(self._stiffness * displacement.pow(2))
+
+    @torch.no_grad()
+    def accumulate_gradient(
+        self, parameters: Sequence[Tensor], displacement: Tensor, scale: float
+    ) -> None:
+        """Add ``scale`` times the penalty's gradient to each parameter's ``.grad``."""
+        assert self._stiffness is not None
+        coefficients = scale * self._stiffness * displacement
+        for block, parameter in zip(self._column_blocks(parameters), parameters, strict=True):
+            step = (coefficients @ block).view_as(parameter)
+            if parameter.grad is None:
+                parameter.grad = step.clone()
+            else:
+                parameter.grad.add_(step)
+
+    def _column_blocks(self, parameters: Sequence[Tensor]) -> list[Tensor]:
+        sizes = [p.numel() for p in parameters]
+        if sizes != self._block_sizes:
+            assert self._directions is not None
+            if sum(sizes) != self._directions.shape[1]:
+                raise ValueError(
+                    f"the parameters hold {sum(sizes)} values but the penalty was built for "
+                    f"{self._directions.shape[1]}; the regularized parameter set must not change"
+                )
+            self._blocks = [b.contiguous() for b in self._directions.split(sizes, dim=1)]
+            self._block_sizes = sizes
+        return self._blocks
+
+
+def merge_subspaces(subspaces: Sequence[SharpSubspace], max_rows: int) -> SharpSubspace:
+    """Sum the penalties of several subspaces into one and keep its stiffest directions.
+
+    The sum ``(1/2) sum_e sum_i k_{e,i} (p_{e,i} . (w - w_e*))^2`` is the quadratic form
+    ``(1/2) (w - a)^T A (w - a)`` plus a constant, with ``A = sum k p p^T`` of rank at
+    most the total number of rows. Its eigendirections, found in the span of all rows,
+    become the merged subspace's directions, the eigenvalues its stiffness, and ``a``
+    (the minimum-norm solution of ``A a = sum k p (p . w*)``) its anchor. Only the
+    ``max_rows`` largest eigenvalues are kept, so this is exact up to a constant while
+    the rank of ``A`` is at most ``max_rows``.
+
+    The work is done in double precision and costs O(n_params * n_rows^2).
+    """
+    if not subspaces:
+        raise ValueError("merge_subspaces needs at least one subspace")
+    if max_rows < 1:
+        raise ValueError(f"max_rows={max_rows} must be at least 1")
+    dtype = subspaces[-1].directions.dtype
+    rows = torch.cat([s.directions for s in subspaces]).to(torch.float64)  # (n_rows, n_params)
+    weights = torch.cat([s.stiffness for s in subspaces]).to(torch.float64)
+    targets = torch.cat([s.directions @ s.anchor for s in subspaces]).to(torch.float64)
+    # rows^T = Q R, so A = Q (R diag(k) R^T) Q^T and the linear term is Q R (k * targets).
+    basis, triangle = torch.linalg.qr(rows.T)
+    small = triangle @ (weights[:, None] * triangle.T)
+    eigenvalues, eigenvectors = torch.linalg.eigh(0.5 * (small + small.T))
+    order = torch.argsort(eigenvalues, descending=True)
+    eigenvalues, eigenvectors = eigenvalues[order], eigenvectors[:, order]
+    # Directions whose eigenvalue is rounding noise carry no penalty; drop them.
+    tolerance = eigenvalues[0].clamp_min(0.0) * rows.shape[0] * torch.finfo(torch.float64).eps
+    keep = min(max_rows, int((eigenvalues > tolerance).sum()))
+    keep = max(keep, 1)
+    eigenvalues, eigenvectors = eigenvalues[:keep].clamp_min(0.0), eigenvectors[:, :keep]
+    directions = (basis @ eigenvectors).T  # (keep, n_params), orthonormal rows
+    linear = eigenvectors.T @ (triangle @ (weights * targets))
+    coordinates = torch.where(
+        eigenvalues > 0, linear / eigenvalues.clamp_min(torch.finfo(torch.float64).tiny), 0.0
+    )
+    anchor = coordinates @ directions
+    return SharpSubspace(
+        anchor=anchor.to(dtype),
+        directions=directions.to(dtype),
+        stiffness=eigenvalues.to(dtype),
+        experience=max(s.experience for s in subspaces),
+    )
 
 
 def stiffness_from_variance(variances: Tensor, psi: float = 4.0) -> Tensor:

@@ -152,6 +152,9 @@ def build_method_plugin(
         profile_max_offset=_number(options, "profile_max_offset"),
         profile_rtol=_number(options, "profile_rtol"),
         profile_initial_step=_number(options, "profile_initial_step"),
+        max_directions=(
+            None if options.get("max_directions") is None else int(options["max_directions"])
+        ),
     )
 
 

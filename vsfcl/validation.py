@@ -202,6 +202,11 @@ def _validate_strategy_options(strategy: Mapping[str, Any], seed: int) -> None:
     for key in _INTEGER_OPTIONS:
         if key in options and not _is_integer(options[key]):
             raise ConfigError(f"strategy.{key}={options[key]!r} is invalid; it must be an integer")
+    if options.get("max_directions") is not None and not _is_integer(options["max_directions"]):
+        raise ConfigError(
+            f"strategy.max_directions={options['max_directions']!r} is invalid; it must be an "
+            "integer >= 1, or null to keep n_directions per past experience"
+        )
     for key in _NUMBER_OPTIONS:
         if key in options and not _is_number(options[key]):
             raise ConfigError(
