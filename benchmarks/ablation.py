@@ -1,16 +1,19 @@
 """Ablation of the flatness regularizer: one setting changed at a time from the tuned default.
 
 Each variant is a list of ``vsfcl-train`` overrides on top of ``strategy=flatness``
-with its config defaults (K = 20 directions from 40 snapshots over the last half of
-each experience, stiffness from loss profiles, lambda = 1e5, K rows kept per past
-experience). The variants change:
+with its config defaults (K = 20 directions from 40 snapshots, stiffness from loss
+profiles, K rows kept per past experience, the penalty's gradient added to the
+loss's), at lambda = 1e5. Two families:
 
-- ``K``: the directions kept per experience (5, 10, 39; 100 with 101 snapshots);
-- the stiffness source: ``variance`` (no loss profiles) and ``hessian``, each at the
-  strength that makes its median stiffness comparable, and at one ten times larger;
-- the snapshot window: the last quarter, or all of each experience;
-- accumulation across experiences: penalties merged into 20 or 60 rows in all
-  (``max_directions``) instead of 20 rows per past experience.
+- ``training``: snapshots of the strategy's own steps over the last half of each
+  experience, the setting before this ablation. Its variants change K (5, 10, 39;
+  100 with 101 snapshots), the stiffness source (``variance``, ``hessian``), the
+  snapshot window (last quarter, all), the removal of a linear drift before PCA,
+  the accumulation across experiences (merged into 20 or 60 rows in all) and the
+  update rule (a decoupled proximal step instead of the gradient);
+- ``sgd_probe``: snapshots of a plain-SGD probe from the final weights of each
+  experience (the default after this ablation), with its own strength, K,
+  stiffness, accumulation and update variants.
 
 Every run is written to ``<out>/<benchmark>/ablation/<variant>/seed<k>.json`` and
 skipped when that file exists, so an interrupted ablation resumes. ``--table`` prints
@@ -36,20 +39,58 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from tune import BENCHMARKS, run_once  # noqa: E402
 
+# The flatness settings before the ablation: snapshots of the strategy's own (Adam) steps.
+TRAINING = ["strategy.trajectory=training", "strategy.strength=1e5"]
+# The settings after it: snapshots of a plain-SGD probe from the final weights.
+PROBE = ["strategy.trajectory=sgd_probe", "strategy.strength=1e5"]
+
 VARIANTS: dict[str, list[str]] = {
-    "default": [],
-    "K=5": ["strategy.n_directions=5"],
-    "K=10": ["strategy.n_directions=10"],
-    "K=39": ["strategy.n_directions=39"],
-    "K=100": ["strategy.n_directions=100", "strategy.n_snapshots=101"],
-    "stiffness=variance,strength=1": ["strategy.stiffness=variance", "strategy.strength=1"],
-    "stiffness=variance,strength=10": ["strategy.stiffness=variance", "strategy.strength=10"],
-    "stiffness=hessian": ["strategy.stiffness=hessian"],
-    "stiffness=hessian,strength=1e6": ["strategy.stiffness=hessian", "strategy.strength=1e6"],
-    "window=0.25": ["strategy.window_fraction=0.25"],
-    "window=1": ["strategy.window_fraction=1.0"],
-    "merged,max_directions=20": ["strategy.max_directions=20"],
-    "merged,max_directions=60": ["strategy.max_directions=60"],
+    "training": TRAINING,
+    "training,K=5": [*TRAINING, "strategy.n_directions=5"],
+    "training,K=10": [*TRAINING, "strategy.n_directions=10"],
+    "training,K=39": [*TRAINING, "strategy.n_directions=39"],
+    "training,K=100": [*TRAINING, "strategy.n_directions=100", "strategy.n_snapshots=101"],
+    "training,stiffness=variance,strength=1": [
+        *TRAINING,
+        "strategy.stiffness=variance",
+        "strategy.strength=1",
+    ],
+    "training,stiffness=variance,strength=10": [
+        *TRAINING,
+        "strategy.stiffness=variance",
+        "strategy.strength=10",
+    ],
+    "training,stiffness=hessian": [*TRAINING, "strategy.stiffness=hessian"],
+    "training,stiffness=hessian,strength=1e6": [
+        *TRAINING,
+        "strategy.stiffness=hessian",
+        "strategy.strength=1e6",
+    ],
+    "training,window=0.25": [*TRAINING, "strategy.window_fraction=0.25"],
+    "training,window=1": [*TRAINING, "strategy.window_fraction=1.0"],
+    "training,remove_drift": [*TRAINING, "strategy.remove_drift=true"],
+    "training,merged,max_directions=20": [*TRAINING, "strategy.max_directions=20"],
+    "training,merged,max_directions=60": [*TRAINING, "strategy.max_directions=60"],
+    "training,update=decoupled,strength=1e6": [
+        *TRAINING,
+        "strategy.update=decoupled",
+        "strategy.strength=1e6",
+    ],
+    "sgd_probe": PROBE,
+    "sgd_probe,strength=1e4": [*PROBE, "strategy.strength=1e4"],
+    "sgd_probe,strength=1e6": [*PROBE, "strategy.strength=1e6"],
+    "sgd_probe,K=39": [*PROBE, "strategy.n_directions=39"],
+    "sgd_probe,stiffness=variance,strength=10": [
+        *PROBE,
+        "strategy.stiffness=variance",
+        "strategy.strength=10",
+    ],
+    "sgd_probe,merged,max_directions=20": [*PROBE, "strategy.max_directions=20"],
+    "sgd_probe,update=decoupled,strength=1e6": [
+        *PROBE,
+        "strategy.update=decoupled",
+        "strategy.strength=1e6",
+    ],
 }
 
 

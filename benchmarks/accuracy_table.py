@@ -60,6 +60,7 @@ METHODS = (
     "mas",
     "lwf",
     "flatness",
+    "flatness_training",
 )
 
 

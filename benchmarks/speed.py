@@ -2,8 +2,12 @@
 
 Paths, each training a fresh MLP from the same initial weights with Adam:
 
-- ``stock``: Avalanche 0.6.0's ``Naive`` strategy reading samples through
-  ``AvalancheDataset`` and a ``DataLoader`` (per-sample ``__getitem__`` and collate);
+- ``stock``: what a researcher gets from Avalanche 0.6.0 out of the box: its classic
+  ``PermutedMNIST`` benchmark (torchvision's MNIST, with per-sample PIL conversion,
+  normalization and permutation transforms) trained by its ``Naive`` strategy;
+- ``stock_tensors``: the same strategy over vsfcl's benchmark tensors wrapped as an
+  ``AvalancheDataset``, still read through a ``DataLoader`` (per-sample
+  ``__getitem__`` and collate, no image transforms);
 - ``fast``: the same strategy with vsfcl's tensor data path (``fast_data=true``), with
   the evaluator and plugins that ``vsfcl-train`` uses;
 - ``bare``: a plain PyTorch loop over the same tensors, no Avalanche.
@@ -32,13 +36,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from avalanche.benchmarks.classic import PermutedMNIST
 from avalanche.evaluation.metrics import accuracy_metrics, loss_metrics
+from avalanche.training import Naive
 from avalanche.training.plugins import EvaluationPlugin
 from avalanche.training.plugins import EWCPlugin as AvalancheEWCPlugin
 from torch import nn
 from torch.nn import functional as F
 
-from vsfcl.data.mnist import load_mnist
+from vsfcl.data.mnist import load_mnist, mnist_raw_dir
 from vsfcl.ewc import FISHER_ESTIMATES, experience_batches, fisher_diagonal
 from vsfcl.models import build_mlp
 from vsfcl.scenarios import permuted_mnist
@@ -94,6 +100,36 @@ def train_avalanche(
     return model
 
 
+def train_classic(initial: dict, experience: Any, args: argparse.Namespace) -> nn.Module:
+    """Train on Avalanche's own permuted-MNIST experience with its ``Naive`` strategy."""
+    model = build_mlp(hidden_sizes=args.hidden_sizes, n_classes=10)
+    model.load_state_dict(initial)
+    model.to(args.device)
+    strategy = Naive(
+        model=model,
+        optimizer=torch.optim.Adam(model.parameters(), lr=1e-3),
+        criterion=nn.CrossEntropyLoss(),
+        train_mb_size=args.batch_size,
+        train_epochs=1,
+        eval_mb_size=1000,
+        device=args.device,
+        evaluator=make_evaluator(True),
+    )
+    strategy.train(experience)
+    return model
+
+
+def classic_experience(args: argparse.Namespace) -> Any:
+    """Return the training experience of Avalanche's classic permuted MNIST, capped like ours."""
+    benchmark = PermutedMNIST(
+        n_experiences=1, seed=0, dataset_root=str(mnist_raw_dir().parent.parent)
+    )
+    experience = benchmark.train_stream[0]
+    if args.train_samples is not None:
+        experience.dataset = experience.dataset.subset(range(args.train_samples))
+    return experience
+
+
 def train_bare(
     initial: dict, x: torch.Tensor, y: torch.Tensor, args: argparse.Namespace
 ) -> nn.Module:
@@ -141,7 +177,9 @@ def main() -> None:
     parser.add_argument(
         "--threads", type=int, default=None, help="torch.set_num_threads; default: leave as is"
     )
-    parser.add_argument("--paths", nargs="+", default=["stock", "fast", "fast_lean", "bare"])
+    parser.add_argument(
+        "--paths", nargs="+", default=["stock", "stock_tensors", "fast", "fast_lean", "bare"]
+    )
     parser.add_argument(
         "--fisher",
         nargs="*",
@@ -175,8 +213,10 @@ def main() -> None:
         f"device {args.device}, {torch.get_num_threads()} torch threads"
     )
 
+    classic = classic_experience(args) if "stock" in args.paths else None
     paths: dict[str, Callable[[], nn.Module]] = {
-        "stock": lambda: train_avalanche(False, True, initial, experience, args),
+        "stock": lambda: train_classic(initial, classic, args),
+        "stock_tensors": lambda: train_avalanche(False, True, initial, experience, args),
         "fast": lambda: train_avalanche(True, True, initial, experience, args),
         "fast_lean": lambda: train_avalanche(True, False, initial, experience, args),
         "bare": lambda: train_bare(initial, train.x, train.y, args),
@@ -207,6 +247,8 @@ def main() -> None:
     for a, b in (
         ("fast", "stock"),
         ("fast_lean", "stock"),
+        ("fast", "stock_tensors"),
+        ("stock_tensors", "stock"),
         ("bare", "fast"),
         ("bare", "fast_lean"),
     ):

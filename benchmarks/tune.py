@@ -61,12 +61,31 @@ GRIDS: dict[str, list[list[str]]] = {
     ],
     "mas": [["strategy=mas", f"strategy.mas_lambda={v}"] for v in ("0.1", "1", "10", "100")],
     "lwf": [["strategy=lwf", f"strategy.alpha={v}"] for v in ("0.25", "1", "4", "16")],
-    # Strength and stiffness source share the four points; K stays at its default of 20.
+    # Snapshots from a plain-SGD probe after each experience, K = 20, stiffness from
+    # loss profiles: the settings that benchmarks/ablation.py picked on the validation
+    # split of domain-incremental split MNIST (seed 0).
     "flatness": [
-        ["strategy=flatness", "strategy.stiffness=flatness", "strategy.strength=1e2"],
-        ["strategy=flatness", "strategy.stiffness=flatness", "strategy.strength=1e3"],
-        ["strategy=flatness", "strategy.stiffness=flatness", "strategy.strength=1e4"],
-        ["strategy=flatness", "strategy.stiffness=variance", "strategy.strength=1"],
+        ["strategy=flatness", "strategy.trajectory=sgd_probe", f"strategy.strength={v}"]
+        for v in ("1e2", "1e3", "1e4", "1e5")
+    ],
+    # The settings before the ablation: snapshots of the strategy's own Adam steps;
+    # strength and stiffness source share the four points.
+    "flatness_training": [
+        [
+            "strategy=flatness",
+            "strategy.trajectory=training",
+            "strategy.stiffness=flatness",
+            f"strategy.strength={v}",
+        ]
+        for v in ("1e2", "1e3", "1e4")
+    ]
+    + [
+        [
+            "strategy=flatness",
+            "strategy.trajectory=training",
+            "strategy.stiffness=variance",
+            "strategy.strength=1",
+        ]
     ],
 }
 

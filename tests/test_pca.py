@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from vsfcl.pca import trajectory_pca
+from vsfcl.pca import remove_linear_drift, trajectory_pca
 
 
 def _planted(n_snapshots=3000, n_params=200, stds=(5.0, 3.0, 2.0, 1.0, 0.5), seed=0):
@@ -74,3 +74,16 @@ def test_single_precision_matches_double_on_leading_components():
     torch.testing.assert_close(single.directions, double.directions, rtol=0.0, atol=1e-4)
     with pytest.raises(ValueError, match="precision=torch.float16 is invalid"):
         trajectory_pca(snapshots, 3, precision=torch.float16)
+
+
+def test_remove_linear_drift_leaves_the_fluctuations():
+    times = torch.arange(30, dtype=torch.float64)[:, None]
+    fluctuation = torch.sin(times * 2.0 * torch.pi / 30.0) * torch.tensor([[0.0, 1.0, 0.0]])
+    drift = times * torch.tensor([[0.5, 0.0, -0.2]]) + torch.tensor([[1.0, 2.0, 3.0]])
+    residual = remove_linear_drift(drift + fluctuation)
+    # The drift goes; the sine keeps its shape up to its own small linear part.
+    assert float(residual[:, [0, 2]].abs().max()) < 1e-12
+    assert float(residual[:, 1].std()) > 0.4
+    assert float(trajectory_pca(residual, 1).directions[0, 1].abs()) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="n_snapshots >= 3"):
+        remove_linear_drift(torch.zeros(2, 3))

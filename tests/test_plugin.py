@@ -133,6 +133,10 @@ def test_penalty_pulls_back_only_along_kept_directions():
         ({"stiffness": "fisher"}, "stiffness='fisher' is invalid"),
         ({"n_snapshots": 1}, "n_snapshots=1"),
         ({"max_directions": 0}, "max_directions=0 is invalid"),
+        ({"update": "projection"}, "update='projection' is invalid"),
+        ({"trajectory": "adam"}, "trajectory='adam' is invalid"),
+        ({"probe_lr": 0.0}, "probe_lr=0.0 is invalid"),
+        ({"probe_interval": 0}, "probe_interval=0"),
     ],
 )
 def test_plugin_rejects_bad_settings(kwargs, message):
@@ -197,3 +201,65 @@ def test_capped_plugin_keeps_the_stiffest_directions_over_experiences():
     torch.testing.assert_close(
         _train_one_step(restored, strategy, point), _train_one_step(capped, strategy, point)
     )
+
+
+def test_decoupled_update_shrinks_displacement_by_the_proximal_factor():
+    plugin = FlatnessPlugin(
+        strength=2.0, n_directions=2, n_snapshots=200, stiffness="hessian", update="decoupled"
+    )
+    strategy = _strategy(bowl_criterion)
+    _plant_snapshots(plugin, [1.0, 0.5, 0.2, 0.1])
+    plugin.after_training_exp(strategy)
+    strategy.optimizer = SimpleNamespace(param_groups=[{"lr": 0.01}])
+    # The gradient is left to the data loss: before/after_backward add nothing.
+    assert torch.count_nonzero(_train_one_step(plugin, strategy, [0.1, 0.2, 0.3, 0.4])) == 0
+    plugin.after_update(strategy)
+    # Along axis i the displacement becomes d / (1 + lr * lambda * k_i); axes 2, 3 stay.
+    factors = [1 / (1 + 0.01 * 2.0 * 50), 1 / (1 + 0.01 * 2.0 * 8), 1.0, 1.0]
+    expected = torch.tensor([0.1, 0.2, 0.3, 0.4], dtype=torch.float64) * torch.tensor(
+        factors, dtype=torch.float64
+    )
+    torch.testing.assert_close(strategy.model.w.detach(), expected, rtol=1e-3, atol=1e-6)
+    assert plugin.last_penalty == pytest.approx(0.5 * 2.0 * (50 * 0.01 + 8 * 0.04), rel=1e-3)
+
+
+def test_sgd_probe_finds_the_sharp_axis_and_restores_the_weights():
+    # Minibatch noise only along axis 0: a bowl whose minimum moves with the batch.
+    curvatures = torch.tensor([4.0, 1.0, 0.25, 0.1], dtype=torch.float64)
+
+    def noisy_bowl(output, targets):
+        shift = torch.zeros(4, dtype=torch.float64)
+        shift[0] = targets[0].to(torch.float64) - 0.5
+        return LOSS0 + 0.5 * torch.sum(curvatures * (output[0] - shift) ** 2)
+
+    generator = torch.Generator().manual_seed(0)
+    batches = [
+        [torch.zeros(1, 1), torch.randint(0, 2, (1,), generator=generator), torch.zeros(1).long()]
+        for _ in range(50)
+    ]
+    strategy = _strategy(noisy_bowl)
+    strategy.dataloader = batches
+    plugin = FlatnessPlugin(
+        n_directions=1,
+        n_snapshots=40,
+        stiffness="hessian",
+        trajectory="sgd_probe",
+        probe_lr=0.1,
+        probe_interval=3,
+    )
+    plugin.after_training_exp(strategy)
+    direction = plugin.penalty.subspaces[0].directions[0]
+    assert abs(float(direction[0])) > 0.99
+    assert plugin.consolidations[0].n_snapshots == 40
+    # The probe's moves are undone: the weights are the anchor again.
+    torch.testing.assert_close(strategy.model.w.detach(), torch.zeros(4, dtype=torch.float64))
+
+
+def test_sgd_probe_names_the_learning_rate_when_it_diverges():
+    plugin = FlatnessPlugin(n_directions=1, n_snapshots=10, trajectory="sgd_probe", probe_lr=1e3)
+    strategy = _strategy(quartic_criterion)
+    with torch.no_grad():
+        strategy.model.w.fill_(1.0)
+    with pytest.raises(ValueError, match="lower strategy.probe_lr=1000"):
+        plugin.after_training_exp(strategy)
+    torch.testing.assert_close(strategy.model.w.detach(), torch.ones(4, dtype=torch.float64))

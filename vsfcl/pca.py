@@ -173,6 +173,26 @@ def trajectory_pca(
     )
 
 
+def remove_linear_drift(snapshots: Tensor) -> Tensor:
+    """Subtract from every coordinate its least-squares straight line in snapshot order.
+
+    A trajectory that drifts steadily (Feng and Tu's ``theta_1``) puts its largest
+    principal component along the drift; after this, the principal directions describe
+    the fluctuations around the drift. Snapshots are assumed evenly spaced in time.
+    Returns a tensor of the same shape and type, with zero mean over the snapshots.
+    """
+    if snapshots.ndim != 2 or snapshots.shape[0] < 3:
+        raise ValueError(
+            f"removing a linear drift needs snapshots of shape (n_snapshots >= 3, n_params), "
+            f"got {tuple(snapshots.shape)}"
+        )
+    times = torch.arange(snapshots.shape[0], dtype=snapshots.dtype, device=snapshots.device)
+    times = times - times.mean()
+    centred = snapshots - snapshots.mean(dim=0)
+    slopes = (times @ centred) / times.pow(2).sum()
+    return centred - times[:, None] * slopes[None, :]
+
+
 def _exact_components(centred: Tensor, n_components: int) -> tuple[Tensor, Tensor]:
     """Return the top directions (rows) and singular values of a centred matrix."""
     n_snapshots, n_params = centred.shape

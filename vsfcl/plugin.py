@@ -26,13 +26,17 @@ from avalanche.models.utils import avalanche_forward
 from torch import Tensor, nn
 
 from vsfcl.flatness import curvature_from_flatness, find_flatness
-from vsfcl.pca import trajectory_pca
+from vsfcl.pca import remove_linear_drift, trajectory_pca
 from vsfcl.regularizer import SharpSubspace, SubspacePenalty, stiffness_from_variance
 
 log = logging.getLogger(__name__)
 
 StiffnessSource = Literal["flatness", "variance", "hessian"]
 _STIFFNESS_SOURCES = ("flatness", "variance", "hessian")
+UpdateRule = Literal["gradient", "decoupled"]
+_UPDATE_RULES = ("gradient", "decoupled")
+TrajectorySource = Literal["training", "sgd_probe"]
+_TRAJECTORY_SOURCES = ("training", "sgd_probe")
 
 
 @dataclass
@@ -140,6 +144,33 @@ class FlatnessPlugin(SupervisedPlugin):
         With a cap, each experience's penalty is merged into the sum of the earlier
         ones and only the ``max_directions`` stiffest directions of that sum are kept
         (see :func:`vsfcl.regularizer.merge_subspaces`), so the cost stays constant.
+    update : {"gradient", "decoupled"}
+        How the penalty acts. ``"gradient"`` adds its gradient to the loss's, so the
+        optimizer sees both. ``"decoupled"`` leaves the optimizer to the data loss and,
+        after each optimizer step, takes one proximal step of the penalty with the
+        optimizer's learning rate: along each kept direction the displacement from the
+        anchor shrinks by ``1 / (1 + lr * lambda * k_i)``. With Adam, the gradient of a
+        stiff penalty along dense directions inflates every parameter's second-moment
+        estimate and so slows learning of the new experience; the decoupled step
+        avoids that, as AdamW does for weight decay.
+    remove_drift : bool
+        Subtract each weight's straight-line trend over the window before PCA, so that
+        the kept directions are those of the fluctuations, not of the steady drift
+        that otherwise fills the first component (see
+        :func:`vsfcl.pca.remove_linear_drift`). Needs at least 3 snapshots.
+    trajectory : {"training", "sgd_probe"}
+        Where the snapshots come from. ``"training"``: the strategy's own training
+        steps over the window. ``"sgd_probe"``: after the experience, a separate run
+        of plain SGD from the final weights on the experience's minibatches
+        (``n_snapshots * probe_interval`` steps at ``probe_lr``), after which the
+        weights are put back. The inverse variance-flatness relation is a property of
+        SGD; with Adam the high-variance directions are the flat ones (we measured
+        ``psi = -4`` in the landscape sweep), so a model trained with Adam needs the
+        probe for the top principal directions to be the sharp ones.
+    probe_lr : float
+        Learning rate of the SGD probe; > 0.
+    probe_interval : int
+        SGD steps of the probe between two snapshots; >= 1.
     """
 
     def __init__(
@@ -156,6 +187,11 @@ class FlatnessPlugin(SupervisedPlugin):
         profile_rtol: float = 1e-2,
         profile_initial_step: float = 1.0,
         max_directions: int | None = None,
+        update: UpdateRule = "gradient",
+        remove_drift: bool = False,
+        trajectory: TrajectorySource = "training",
+        probe_lr: float = 0.01,
+        probe_interval: int = 5,
     ) -> None:
         super().__init__()
         if not isinstance(strength, (int, float)) or not math.isfinite(strength) or strength < 0:
@@ -179,6 +215,16 @@ class FlatnessPlugin(SupervisedPlugin):
             )
         if psi <= 0:
             raise ValueError(f"psi={psi} must be positive")
+        if trajectory not in _TRAJECTORY_SOURCES:
+            raise ValueError(
+                f"trajectory={trajectory!r} is invalid; use one of {_TRAJECTORY_SOURCES}"
+            )
+        if not (isinstance(probe_lr, (int, float)) and math.isfinite(probe_lr) and probe_lr > 0):
+            raise ValueError(f"probe_lr={probe_lr!r} is invalid; it must be a finite number > 0")
+        if probe_interval < 1:
+            raise ValueError(f"probe_interval={probe_interval} must be at least 1")
+        if update not in _UPDATE_RULES:
+            raise ValueError(f"update={update!r} is invalid; use one of {_UPDATE_RULES}")
         if max_directions is not None and max_directions < 1:
             raise ValueError(
                 f"max_directions={max_directions} is invalid; it must be at least 1, or "
@@ -207,6 +253,11 @@ class FlatnessPlugin(SupervisedPlugin):
         self.profile_initial_step = profile_initial_step
 
         self.max_directions = max_directions
+        self.update: UpdateRule = update
+        self.remove_drift = bool(remove_drift)
+        self.trajectory: TrajectorySource = trajectory
+        self.probe_lr = float(probe_lr)
+        self.probe_interval = int(probe_interval)
         self.penalty = SubspacePenalty(max_rows=max_directions)
         self.consolidations: list[Consolidation] = []
         self.last_penalty = 0.0
@@ -237,7 +288,7 @@ class FlatnessPlugin(SupervisedPlugin):
 
     def before_backward(self, strategy: Any, **kwargs: Any) -> None:
         self._displacement = None
-        if self.penalty.n_rows == 0 or self.strength == 0.0:
+        if self.update != "gradient" or self.penalty.n_rows == 0 or self.strength == 0.0:
             self.last_penalty = 0.0
             return
         parameters = [p for _, p in self._parameters(strategy.model)]
@@ -255,7 +306,17 @@ class FlatnessPlugin(SupervisedPlugin):
         self.penalty.accumulate_gradient(parameters, self._displacement, self.strength)
         self._displacement = None
 
+    def after_update(self, strategy: Any, **kwargs: Any) -> None:
+        if self.update != "decoupled" or self.penalty.n_rows == 0 or self.strength == 0.0:
+            return
+        learning_rate = float(strategy.optimizer.param_groups[0]["lr"])
+        parameters = [p for _, p in self._parameters(strategy.model)]
+        displacement = self.penalty.proximal_step(parameters, learning_rate * self.strength)
+        self.last_penalty = float(self.strength * self.penalty.value(displacement))
+
     def after_training_iteration(self, strategy: Any, **kwargs: Any) -> None:
+        if self.trajectory != "training":
+            return
         offset = self._iteration - self._window_start
         self._iteration += 1
         if offset < 0 or offset % self._interval != 0 or len(self._snapshots) >= self.n_snapshots:
@@ -267,6 +328,8 @@ class FlatnessPlugin(SupervisedPlugin):
     def after_training_exp(self, strategy: Any, **kwargs: Any) -> None:
         start = time.perf_counter()
         experience = int(strategy.experience.current_experience)
+        if self.trajectory == "sgd_probe":
+            self._snapshots = self._probe(strategy, experience)
         if len(self._snapshots) < 2:
             log.warning(
                 "experience %d: only %d snapshot(s) recorded, so no directions are kept; "
@@ -337,6 +400,49 @@ class FlatnessPlugin(SupervisedPlugin):
             )
         return selected
 
+    def _probe(self, strategy: Any, experience: int) -> list[Tensor]:
+        """Run the SGD probe from the current weights; return its snapshots and restore them."""
+        model = strategy.model
+        parameters = [p for _, p in self._parameters(model)]
+        anchor = flatten(parameters).detach().clone()
+        snapshots: list[Tensor] = []
+        n_steps = self.n_snapshots * self.probe_interval
+        was_training = model.training
+        model.train()
+        step = 0
+        try:
+            while step < n_steps:
+                for batch in strategy.dataloader:
+                    x, y, t = (b.to(strategy.device) for b in (batch[0], batch[1], batch[-1]))
+                    loss = strategy._criterion(avalanche_forward(model, x, t), y)
+                    if not math.isfinite(float(loss)):
+                        if step == 0:
+                            raise ValueError(
+                                f"the training loss at the end of experience {experience} "
+                                f"is {float(loss)} on a minibatch, before the SGD probe "
+                                "moved; training diverged, so lower the learning rate or "
+                                "the penalty strength"
+                            )
+                        raise ValueError(
+                            f"the SGD probe after experience {experience} diverged at step "
+                            f"{step} (loss {float(loss)}); lower strategy.probe_lr="
+                            f"{self.probe_lr:g}"
+                        )
+                    gradients = torch.autograd.grad(loss, parameters)
+                    with torch.no_grad():
+                        for parameter, gradient in zip(parameters, gradients, strict=True):
+                            parameter.add_(gradient, alpha=-self.probe_lr)
+                    step += 1
+                    if step % self.probe_interval == 0:
+                        weights = flatten(parameters).detach()
+                        snapshots.append(weights.to("cpu", torch.float32, copy=True))
+                    if step >= n_steps:
+                        break
+        finally:
+            assign(parameters, anchor)
+            model.train(was_training)
+        return snapshots
+
     def _consolidate(self, strategy: Any, experience: int) -> Consolidation:
         snapshots = torch.stack(self._snapshots)  # (n_snapshots, n_params)
         n_directions = min(self.n_directions, snapshots.shape[0] - 1)
@@ -348,6 +454,8 @@ class FlatnessPlugin(SupervisedPlugin):
                 n_directions,
                 self.n_directions,
             )
+        if self.remove_drift and snapshots.shape[0] >= 3:
+            snapshots = remove_linear_drift(snapshots)
         # Only the leading directions are kept, so single precision is enough.
         pca = trajectory_pca(snapshots, n_directions, precision=torch.float32)
         parameters = [p for _, p in self._parameters(strategy.model)]

@@ -212,6 +212,35 @@ class SubspacePenalty:
             else:
                 parameter.grad.add_(step)
 
+    @torch.no_grad()
+    def proximal_step(self, parameters: Sequence[Tensor], step_size: float) -> Tensor:
+        """Move the parameters in place by one proximal step of the penalty; return it before.
+
+        For one subspace, the step minimizes ``penalty(w) + |w - w_0|^2 / (2 step_size)``
+        around the current weights ``w_0``: along each kept direction the displacement
+        shrinks by the factor ``1 / (1 + step_size * k_i)``, and nothing else moves.
+        Subspaces are stepped one after the other, each from where the previous one
+        left the weights, so that nearly parallel directions of different experiences
+        cannot add up to an overshoot. Returns the displacement before the step, shape
+        (n_rows,).
+        """
+        assert self._stiffness is not None and self._targets is not None
+        blocks = self._column_blocks(parameters)
+        before = []
+        start = 0
+        for subspace in self.subspaces:
+            rows = slice(start, start + subspace.directions.shape[0])
+            start = rows.stop
+            displacement = self._targets[rows].neg()
+            for block, parameter in zip(blocks, parameters, strict=True):
+                displacement.addmv_(block[rows], parameter.reshape(-1))
+            rate = step_size * self._stiffness[rows]
+            coefficients = -(rate / (1.0 + rate)) * displacement
+            for block, parameter in zip(blocks, parameters, strict=True):
+                parameter.add_((coefficients @ block[rows]).view_as(parameter))
+            before.append(displacement)
+        return torch.cat(before)
+
     def _column_blocks(self, parameters: Sequence[Tensor]) -> list[Tensor]:
         sizes = [p.numel() for p in parameters]
         if sizes != self._block_sizes:

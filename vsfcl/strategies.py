@@ -152,6 +152,11 @@ def build_method_plugin(
         profile_max_offset=_number(options, "profile_max_offset"),
         profile_rtol=_number(options, "profile_rtol"),
         profile_initial_step=_number(options, "profile_initial_step"),
+        update=options.get("update", "gradient"),
+        remove_drift=bool(options.get("remove_drift", False)),
+        trajectory=options.get("trajectory", "training"),
+        probe_lr=float(options.get("probe_lr", 0.01)),
+        probe_interval=int(options.get("probe_interval", 5)),
         max_directions=(
             None if options.get("max_directions") is None else int(options["max_directions"])
         ),

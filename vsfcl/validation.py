@@ -29,13 +29,14 @@ RESUME_MODES = ("auto", True, False)
 
 # Types of the strategy options that the strategy builders convert without checking
 # (int("abc") raises a ValueError that does not name the key).
-_INTEGER_OPTIONS = ("n_directions", "n_snapshots", "profile_samples")
+_INTEGER_OPTIONS = ("n_directions", "n_snapshots", "profile_samples", "probe_interval")
 _NUMBER_OPTIONS = (
     "window_fraction",
     "psi",
     "profile_max_offset",
     "profile_rtol",
     "profile_initial_step",
+    "probe_lr",
 )
 _POSITIVE_OPTIONS = ("profile_rtol",)
 
@@ -269,6 +270,8 @@ def validate_benchmark(benchmark: TensorBenchmark, options: Mapping[str, Any]) -
     strategy = options["strategy"]
     if "window_fraction" not in strategy or "n_snapshots" not in strategy:
         return
+    if strategy.get("trajectory", "training") != "training":
+        return  # the SGD probe takes its own steps, however short the experience
     # NOTE: this counts the fast path's batches (the last one may be partial); Avalanche's
     # own loader (fast_data=false) may batch differently.
     n_samples = min(len(data) for data in benchmark.streams["train"])
