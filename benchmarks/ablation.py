@@ -13,7 +13,8 @@ loss's), at lambda = 1e5. Two families:
   update rule (a decoupled proximal step instead of the gradient);
 - ``sgd_probe``: snapshots of a plain-SGD probe from the final weights of each
   experience (the default after this ablation), with its own strength, K,
-  stiffness, accumulation and update variants.
+  stiffness, probe length (one step between snapshots instead of five),
+  accumulation and update variants.
 
 Every run is written to ``<out>/<benchmark>/ablation/<variant>/seed<k>.json`` and
 skipped when that file exists, so an interrupted ablation resumes. ``--table`` prints
@@ -85,6 +86,7 @@ VARIANTS: dict[str, list[str]] = {
         "strategy.stiffness=variance",
         "strategy.strength=10",
     ],
+    "sgd_probe,probe_interval=1": [*PROBE, "strategy.probe_interval=1"],
     "sgd_probe,merged,max_directions=20": [*PROBE, "strategy.max_directions=20"],
     "sgd_probe,update=decoupled,strength=1e6": [
         *PROBE,

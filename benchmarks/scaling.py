@@ -139,20 +139,38 @@ def time_steps(
 
 
 def time_flatness_consolidation(
-    model: nn.Module, batch: tuple, stiffness: str, n_snapshots: int, n_directions: int
+    model: nn.Module,
+    batch: tuple,
+    stiffness: str,
+    n_snapshots: int,
+    n_directions: int,
+    trajectory: str = "training",
 ) -> float:
+    """Seconds of the flatness plugin's work after an experience.
+
+    With ``trajectory="training"`` the snapshots are planted (a random walk), so this
+    is PCA plus stiffness; with ``"sgd_probe"`` the plugin runs its SGD probe on
+    minibatches of 128 from ``batch`` first.
+    """
     plugin = FlatnessPlugin(
-        n_directions=n_directions, n_snapshots=n_snapshots, stiffness=stiffness, profile_samples=256
+        n_directions=n_directions,
+        n_snapshots=n_snapshots,
+        stiffness=stiffness,
+        profile_samples=256,
+        trajectory=trajectory,
     )
     weights = torch.cat([p.detach().flatten() for p in model.parameters()])
-    steps = 1e-3 * torch.randn(n_snapshots, weights.numel()).cumsum(dim=0)
-    plugin._snapshots = list(weights + steps)
+    if trajectory == "training":
+        steps = 1e-3 * torch.randn(n_snapshots, weights.numel()).cumsum(dim=0)
+        plugin._snapshots = list(weights + steps)
     x, y, t = batch
     strategy = SimpleNamespace(
         model=model,
         _criterion=nn.CrossEntropyLoss(),
         device=torch.device("cpu"),
-        dataloader=[[x[:256], y[:256], t[:256]]],
+        dataloader=[
+            [x[i : i + 128], y[i : i + 128], t[i : i + 128]] for i in range(0, len(y), 128)
+        ],
         experience=SimpleNamespace(current_experience=0),
     )
     plugin.after_training_exp(strategy)
@@ -183,12 +201,20 @@ def main() -> None:
         default=[21, 41, 81],
         help="n_snapshots values at width 400, K=20",
     )
+    parser.add_argument(
+        "--experience-samples",
+        type=int,
+        nargs="+",
+        default=[10800, 54000],
+        help="experience sizes at which consolidation is timed at width 400 (split MNIST "
+        "and permuted MNIST after the validation split)",
+    )
     parser.add_argument("--steps", type=int, default=20, help="timed training steps per variant")
     parser.add_argument("--fisher-samples", type=int, default=5000)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     torch.manual_seed(0)
-    batch = mnist_batch(max(args.fisher_samples, 256))
+    batch = mnist_batch(max(args.fisher_samples, 256, *args.experience_samples))
     step_batch = (batch[0][:128], batch[1][:128], batch[2][:128])
     records: list[dict[str, Any]] = []
 
@@ -270,6 +296,20 @@ def main() -> None:
                 ),
             }
         )
+
+    # Consolidation after one experience of realistic size, as vsfcl-train runs it:
+    # EWC's Fisher pass over the experience against the flatness plugin's SGD probe,
+    # PCA and stiffness, interleaved.
+    for n_samples in args.experience_samples:
+        sample = (batch[0][:n_samples], batch[1][:n_samples], batch[2][:n_samples])
+        record = {"study": "consolidation", "width": 400, "experience_samples": n_samples}
+        record["fisher_batched_seconds"] = time_fisher(model, sample, "batched", n_samples)
+        record["fisher_empirical_seconds"] = time_fisher(model, sample, "empirical", n_samples)
+        for stiffness in ("flatness", "variance"):
+            record[f"flatness_probe_{stiffness}_seconds"] = time_flatness_consolidation(
+                model, sample, stiffness, 40, 20, trajectory="sgd_probe"
+            )
+        report(record)
 
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

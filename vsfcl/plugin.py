@@ -415,17 +415,18 @@ class FlatnessPlugin(SupervisedPlugin):
                 for batch in strategy.dataloader:
                     x, y, t = (b.to(strategy.device) for b in (batch[0], batch[1], batch[-1]))
                     loss = strategy._criterion(avalanche_forward(model, x, t), y)
-                    if not math.isfinite(float(loss)):
+                    value = float(loss.detach())
+                    if not math.isfinite(value):
                         if step == 0:
                             raise ValueError(
                                 f"the training loss at the end of experience {experience} "
-                                f"is {float(loss)} on a minibatch, before the SGD probe "
+                                f"is {value} on a minibatch, before the SGD probe "
                                 "moved; training diverged, so lower the learning rate or "
                                 "the penalty strength"
                             )
                         raise ValueError(
                             f"the SGD probe after experience {experience} diverged at step "
-                            f"{step} (loss {float(loss)}); lower strategy.probe_lr="
+                            f"{step} (loss {value}); lower strategy.probe_lr="
                             f"{self.probe_lr:g}"
                         )
                     gradients = torch.autograd.grad(loss, parameters)
