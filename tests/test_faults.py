@@ -184,7 +184,7 @@ def test_unwritable_data_root_rejected(tmp_path):
 @pytest.mark.slow
 def test_snapshot_window_too_short_rejected(mnist, tmp_path):
     # 180 training samples in batches of 32 give 6 iterations; a tenth of them is 1.
-    overrides = [*FLATNESS, "strategy.window_fraction=0.1"]
+    overrides = [*FLATNESS, "strategy.trajectory=training", "strategy.window_fraction=0.1"]
     with pytest.raises(
         ConfigError, match=r"snapshot window is 1 iteration\(s\) long .*PCA needs at least 2"
     ):
@@ -472,3 +472,12 @@ def test_unmatched_parameter_pattern_fails_before_training(mnist, tmp_path):
     with pytest.raises(ConfigError, match="pattern 'nomatch.\\*' matches no parameter"):
         run(cfg, tmp_path)
     assert not (tmp_path / "results.json").exists()
+
+
+@pytest.mark.slow
+def test_short_experience_is_fine_with_the_sgd_probe(mnist, tmp_path):
+    # The probe takes its own steps, so a window of one iteration does not matter.
+    overrides = [*FLATNESS, "strategy.trajectory=sgd_probe", "strategy.window_fraction=0.1"]
+    result = run(_compose(overrides), tmp_path)
+    assert result["complete"] is True
+    assert len(result["flatness"]) >= 1

@@ -80,6 +80,33 @@ def test_permuted_mnist_flatness_variance_runs(mnist, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize(
+    "variant",
+    [
+        ["strategy.trajectory=training", "strategy.update=decoupled"],
+        ["strategy.trajectory=sgd_probe", "strategy.max_directions=4"],
+        ["strategy.trajectory=training", "strategy.remove_drift=true"],
+    ],
+)
+def test_flatness_variants_run_end_to_end(mnist, tmp_path, variant):
+    overrides = [
+        *QUICK,
+        "benchmark=permuted_mnist",
+        "benchmark.n_experiences=3",
+        "strategy=flatness",
+        *FLATNESS_QUICK,
+        *variant,
+    ]
+    results = _run(overrides, tmp_path)
+    assert results["complete"] is True
+    # Learning still happens: each experience's accuracy right after training is
+    # well above the 10% of guessing.
+    diagonal = [results["accuracy_matrix"][i][i] for i in range(3)]
+    assert min(diagonal) > 0.3, diagonal
+    assert [record["experience"] for record in results["flatness"]] == [0, 1, 2]
+
+
+@pytest.mark.slow
 def test_same_seed_gives_same_results(mnist, tmp_path):
     overrides = [*QUICK, "strategy=flatness", *FLATNESS_QUICK]
     first = _run(overrides, tmp_path / "a")
