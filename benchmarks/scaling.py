@@ -149,8 +149,8 @@ def time_flatness_consolidation(
     """Seconds of the flatness plugin's work after an experience.
 
     With ``trajectory="training"`` the snapshots are planted (a random walk), so this
-    is PCA plus stiffness; with ``"sgd_probe"`` the plugin runs its SGD probe on
-    minibatches of 128 from ``batch`` first.
+    is PCA plus stiffness. With ``"sgd_probe"`` the plugin first runs its SGD probe on
+    minibatches of 128 from ``batch``.
     """
     plugin = FlatnessPlugin(
         n_directions=n_directions,

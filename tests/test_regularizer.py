@@ -165,7 +165,7 @@ def test_gradient_on_parameter_tensors_matches_autograd():
 def test_penalty_rejects_parameters_of_another_size():
     penalty = SubspacePenalty()
     penalty.add(_random_subspace(10, 2, seed=50))
-    with pytest.raises(ValueError, match="hold 9 values but the penalty was built for 10"):
+    with pytest.raises(ValueError, match="contain 9 values but the penalty was built for 10"):
         penalty.displacement([torch.zeros(9, dtype=torch.float64)])
 
 

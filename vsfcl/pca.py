@@ -177,8 +177,8 @@ def remove_linear_drift(snapshots: Tensor) -> Tensor:
     """Subtract from every coordinate its least-squares straight line in snapshot order.
 
     A trajectory that drifts steadily (Feng and Tu's ``theta_1``) puts its largest
-    principal component along the drift; after this, the principal directions describe
-    the fluctuations around the drift. Snapshots are assumed evenly spaced in time.
+    principal component along the drift. After this subtraction, the principal
+    directions describe the fluctuations around the drift. Snapshots are assumed evenly spaced in time.
     Returns a tensor of the same shape and type, with zero mean over the snapshots.
     """
     if snapshots.ndim != 2 or snapshots.shape[0] < 3:

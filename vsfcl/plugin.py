@@ -146,7 +146,7 @@ class FlatnessPlugin(SupervisedPlugin):
         (see :func:`vsfcl.regularizer.merge_subspaces`), so the cost stays constant.
     update : {"gradient", "decoupled"}
         How the penalty acts. ``"gradient"`` adds its gradient to the loss's, so the
-        optimizer sees both. ``"decoupled"`` leaves the optimizer to the data loss and,
+        optimizer receives both. ``"decoupled"`` leaves the optimizer to the data loss and,
         after each optimizer step, takes one proximal step of the penalty with the
         optimizer's learning rate: along each kept direction the displacement from the
         anchor shrinks by ``1 / (1 + lr * lambda * k_i)``. With Adam, the gradient of a
@@ -295,7 +295,7 @@ class FlatnessPlugin(SupervisedPlugin):
         self._displacement = self.penalty.displacement(parameters)
         penalty = self.strength * self.penalty.value(self._displacement)
         self.last_penalty = float(penalty)
-        # The value joins the loss for logging and the divergence check; its gradient is
+        # The value joins the loss for logging and the divergence check. Its gradient is
         # added in after_backward, which is cheaper than differentiating it.
         strategy.loss = strategy.loss + penalty
 

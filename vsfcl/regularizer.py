@@ -186,7 +186,7 @@ class SubspacePenalty:
         """Return ``p_i . w - p_i . w*`` of shape (n_rows,) from the parameter tensors."""
         directions, targets = self._directions, self._targets
         if directions is None or targets is None:
-            raise RuntimeError("the penalty holds no subspace yet")
+            raise RuntimeError("the penalty contains no subspace yet; call add() first")
         blocks = self._column_blocks(parameters)
         projection = targets.neg()
         for block, parameter in zip(blocks, parameters, strict=True):
@@ -247,7 +247,7 @@ class SubspacePenalty:
             assert self._directions is not None
             if sum(sizes) != self._directions.shape[1]:
                 raise ValueError(
-                    f"the parameters hold {sum(sizes)} values but the penalty was built for "
+                    f"the parameters contain {sum(sizes)} values but the penalty was built for "
                     f"{self._directions.shape[1]}; the regularized parameter set must not change"
                 )
             self._blocks = [b.contiguous() for b in self._directions.split(sizes, dim=1)]
@@ -282,7 +282,7 @@ def merge_subspaces(subspaces: Sequence[SharpSubspace], max_rows: int) -> SharpS
     eigenvalues, eigenvectors = torch.linalg.eigh(0.5 * (small + small.T))
     order = torch.argsort(eigenvalues, descending=True)
     eigenvalues, eigenvectors = eigenvalues[order], eigenvectors[:, order]
-    # Directions whose eigenvalue is rounding noise carry no penalty; drop them.
+    # Directions whose eigenvalue is rounding noise carry no penalty, so they are dropped.
     tolerance = eigenvalues[0].clamp_min(0.0) * rows.shape[0] * torch.finfo(torch.float64).eps
     keep = min(max_rows, int((eigenvalues > tolerance).sum()))
     keep = max(keep, 1)
