@@ -7,9 +7,14 @@ seeds found. Reference numbers are printed beside split MNIST: Hsu et al. (2018)
 "Re-evaluating continual learning scenarios" (MLP 2x400, Adam 1e-3, 4 epochs,
 batch 128, mean over 10 runs), in percent.
 
+``--summary`` prints instead one table with a row per method and a column per
+benchmark (test accuracy at the chosen point), split MNIST read from ``--results``
+and permuted MNIST from ``--permuted-results``.
+
 Example::
 
     python benchmarks/accuracy_table.py --results benchmarks/results
+    python benchmarks/accuracy_table.py --summary --permuted-results benchmarks/results/permuted_1epoch_full
 """
 
 from __future__ import annotations
@@ -123,10 +128,49 @@ def table(results: Path, benchmark: str) -> str:
     return "\n".join(lines)
 
 
+def summary(results: Path, permuted_results: Path) -> str:
+    """Return one Markdown table: test accuracy per method (rows) and benchmark (columns)."""
+    columns = [
+        ("split_mnist/task", results),
+        ("split_mnist/domain", results),
+        ("split_mnist/class", results),
+        ("permuted_mnist", permuted_results),
+    ]
+    lines = [
+        "| method | " + " | ".join(name for name, _ in columns) + " |",
+        "|---|" + "---|" * len(columns),
+    ]
+    for method in METHODS:
+        cells = []
+        for benchmark, root in columns:
+            method_dir = root / benchmark / method
+            found = summarize(method_dir) if method_dir.is_dir() else None
+            if found is None:
+                cells.append("not run")
+                continue
+            reference = HSU_2018.get(benchmark, {}).get(method)
+            text = format_accuracy(found["test"]) if found["test"] else "grid unfinished"
+            if reference is not None:
+                text += f" [{reference:.1f}]"
+            cells.append(text)
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--results", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument(
+        "--permuted-results",
+        type=Path,
+        default=Path("benchmarks/results/permuted_1epoch_full"),
+        help="results folder of permuted MNIST for --summary",
+    )
+    parser.add_argument("--summary", action="store_true", help="print one table of all benchmarks")
     args = parser.parse_args()
+    if args.summary:
+        print(summary(args.results, args.permuted_results))
+        return
     benchmarks = ["split_mnist/task", "split_mnist/domain", "split_mnist/class", "permuted_mnist"]
     for benchmark in benchmarks:
         if (args.results / benchmark).is_dir():
