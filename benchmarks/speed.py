@@ -84,7 +84,19 @@ def train_avalanche(
     model = build_mlp(hidden_sizes=args.hidden_sizes, n_classes=10)
     model.load_state_dict(initial)
     model.to(args.device)
-    built = build_strategy(
+    naive_strategy(model, fast, per_iteration_metrics, args, fused).train(experience)
+    return model
+
+
+def naive_strategy(
+    model: nn.Module,
+    fast: bool,
+    per_iteration_metrics: bool,
+    args: argparse.Namespace,
+    fused: bool | None = None,
+) -> Any:
+    """Build the ``Naive`` strategy of ``vsfcl-train`` with Adam 1e-3, one epoch."""
+    return build_strategy(
         name="naive",
         options={},
         model=model,
@@ -98,9 +110,7 @@ def train_avalanche(
         device=args.device,
         fast_data=fast,
         loader_seed=0,
-    )
-    built.strategy.train(experience)
-    return model
+    ).strategy
 
 
 def train_classic(initial: dict, experience: Any, args: argparse.Namespace) -> nn.Module:
@@ -285,27 +295,14 @@ def main() -> None:
     model = build_mlp(hidden_sizes=args.hidden_sizes, n_classes=10)
     model.load_state_dict(initial)
     model.to(args.device)
-    built = build_strategy(
-        name="naive",
-        options={},
-        model=model,
-        make_optimizer=lambda params: torch.optim.Adam(params, lr=1e-3),
-        evaluator=make_evaluator(False),
-        extra_plugins=[],
-        final_plugins=[],
-        train_epochs=1,
-        batch_size=args.batch_size,
-        eval_batch_size=1000,
-        device=args.device,
-        fast_data=True,
-    )
-    built.strategy.experience = experience
+    strategy = naive_strategy(model, fast=True, per_iteration_metrics=False, args=args)
+    strategy.experience = experience
     fisher_seconds: dict[str, float] = {}
     _, fisher_seconds["avalanche_batched"] = time_call(
         lambda: AvalancheEWCPlugin(1.0).compute_importances(
             model,
             nn.CrossEntropyLoss(),
-            built.strategy.optimizer,
+            strategy.optimizer,
             experience.dataset,
             args.device,
             args.batch_size,
@@ -316,7 +313,7 @@ def main() -> None:
         _, fisher_seconds[estimate] = time_call(
             lambda estimate=estimate: fisher_diagonal(
                 model,
-                experience_batches(built.strategy, args.batch_size),
+                experience_batches(strategy, args.batch_size),
                 estimate,
                 torch.Generator().manual_seed(0),
             ),

@@ -163,7 +163,7 @@ def _train_one_step(plugin: FlatnessPlugin, strategy, weights) -> torch.Tensor:
     return strategy.model.w.grad.clone()
 
 
-def test_penalty_gradient_reaches_the_parameters():
+def test_penalty_gradient_reaches_parameters():
     plugin = FlatnessPlugin(strength=2.0, n_directions=2, n_snapshots=200, stiffness="hessian")
     strategy = _strategy(bowl_criterion)
     _plant_snapshots(plugin, [1.0, 0.5, 0.2, 0.1])
@@ -175,7 +175,7 @@ def test_penalty_gradient_reaches_the_parameters():
     assert plugin.last_penalty == pytest.approx(0.5 * 2.0 * (50 * 0.01 + 8 * 0.04), rel=1e-3)
 
 
-def test_capped_plugin_keeps_the_stiffest_directions_over_experiences():
+def test_capped_plugin_keeps_stiffest_directions():
     capped = FlatnessPlugin(n_directions=2, n_snapshots=200, stiffness="hessian", max_directions=3)
     stacked = FlatnessPlugin(n_directions=2, n_snapshots=200, stiffness="hessian")
     strategy = _strategy(bowl_criterion)
@@ -186,7 +186,8 @@ def test_capped_plugin_keeps_the_stiffest_directions_over_experiences():
             plugin.after_training_exp(strategy)
     # Experience 0 keeps axes 0 and 1, experience 1 axes 2 and 3 (curvatures 50, 8, 2,
     # 0.5); three rows hold the stiffest three.
-    assert stacked.penalty.n_rows == 4 and capped.penalty.n_rows == 3
+    assert stacked.penalty.n_rows == 4
+    assert capped.penalty.n_rows == 3
     torch.testing.assert_close(
         capped.penalty.subspaces[0].stiffness,
         torch.tensor([50.0, 8.0, 2.0], dtype=torch.float64),
@@ -203,7 +204,7 @@ def test_capped_plugin_keeps_the_stiffest_directions_over_experiences():
     )
 
 
-def test_decoupled_update_shrinks_displacement_by_the_proximal_factor():
+def test_decoupled_update_proximal_factor():
     plugin = FlatnessPlugin(
         strength=2.0, n_directions=2, n_snapshots=200, stiffness="hessian", update="decoupled"
     )
@@ -223,7 +224,7 @@ def test_decoupled_update_shrinks_displacement_by_the_proximal_factor():
     assert plugin.last_penalty == pytest.approx(0.5 * 2.0 * (50 * 0.01 + 8 * 0.04), rel=1e-3)
 
 
-def test_sgd_probe_finds_the_sharp_axis_and_restores_the_weights():
+def test_sgd_probe_finds_noisy_axis():
     # Minibatch noise only along axis 0: a bowl whose minimum moves with the batch.
     curvatures = torch.tensor([4.0, 1.0, 0.25, 0.1], dtype=torch.float64)
 
@@ -255,7 +256,7 @@ def test_sgd_probe_finds_the_sharp_axis_and_restores_the_weights():
     torch.testing.assert_close(strategy.model.w.detach(), torch.zeros(4, dtype=torch.float64))
 
 
-def test_sgd_probe_names_the_learning_rate_when_it_diverges():
+def test_sgd_probe_divergence_names_probe_lr():
     plugin = FlatnessPlugin(n_directions=1, n_snapshots=10, trajectory="sgd_probe", probe_lr=1e3)
     strategy = _strategy(quartic_criterion)
     with torch.no_grad():

@@ -100,13 +100,14 @@ def test_stiffness_from_zero_variance_raises():
         stiffness_from_variance(torch.zeros(3))
 
 
-def test_merged_penalty_equals_stacked_up_to_a_constant():
+def test_merged_penalty_equals_stacked():
     subspaces = [_random_subspace(30, 4, seed=10 + e, experience=e) for e in range(3)]
     stacked, merged = SubspacePenalty(), SubspacePenalty(max_rows=12)
     for subspace in subspaces:
         stacked.add(subspace)
         merged.add(subspace)
-    assert merged.n_rows == 12 and len(merged) == 1
+    assert merged.n_rows == 12
+    assert len(merged) == 1
     generator = torch.Generator().manual_seed(0)
     points = [torch.randn(30, generator=generator, dtype=torch.float64) for _ in range(3)]
     offsets = [float(stacked(w) - merged(w)) for w in points]
@@ -115,7 +116,7 @@ def test_merged_penalty_equals_stacked_up_to_a_constant():
         torch.testing.assert_close(merged.gradient(w), stacked.gradient(w), rtol=1e-9, atol=1e-10)
 
 
-def test_capped_merge_keeps_the_stiffest_directions_of_the_sum():
+def test_capped_merge_keeps_top_eigenpairs():
     subspaces = [_random_subspace(25, 5, seed=20 + e, experience=e) for e in range(3)]
     merged = merge_subspaces(subspaces, max_rows=4)
     summed = sum(s.directions.T @ torch.diag(s.stiffness) @ s.directions for s in subspaces)
@@ -140,7 +141,7 @@ def test_merge_of_one_subspace_returns_it():
     torch.testing.assert_close(again(weights), single(weights), rtol=1e-10, atol=1e-12)
 
 
-def test_gradient_on_parameter_tensors_matches_autograd():
+def test_parameter_gradient_matches_autograd():
     generator = torch.Generator().manual_seed(1)
     parameters = [
         torch.randn(shape, generator=generator, dtype=torch.float64, requires_grad=True)
@@ -162,7 +163,7 @@ def test_gradient_on_parameter_tensors_matches_autograd():
         torch.testing.assert_close(parameter.grad, grad + 1.0, rtol=1e-10, atol=1e-12)
 
 
-def test_penalty_rejects_parameters_of_another_size():
+def test_penalty_rejects_other_parameter_size():
     penalty = SubspacePenalty()
     penalty.add(_random_subspace(10, 2, seed=50))
     with pytest.raises(ValueError, match="contain 9 values but the penalty was built for 10"):

@@ -151,7 +151,7 @@ class FlatnessPlugin(SupervisedPlugin):
         optimizer's learning rate: along each kept direction the displacement from the
         anchor shrinks by ``1 / (1 + lr * lambda * k_i)``. With Adam, the gradient of a
         stiff penalty along dense directions inflates every parameter's second-moment
-        estimate and so slows learning of the new experience; the decoupled step
+        estimate, which slows learning of the new experience. The decoupled step
         avoids that, as AdamW does for weight decay.
     remove_drift : bool
         Subtract each weight's straight-line trend over the window before PCA, so that
