@@ -137,7 +137,8 @@ def main() -> None:
         nargs="+",
         default=list(VARIANTS),
         choices=list(VARIANTS),
-        help="variants to run (default: all)",
+        metavar="VARIANT",
+        help="variants to run, by the names that --table prints (default: all)",
     )
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))

@@ -144,7 +144,9 @@ def classic_experience(args: argparse.Namespace) -> tuple[Any, torch.Tensor, tor
     )
     experience = benchmark.train_stream[0]
     if args.train_samples is not None:
-        experience.dataset = experience.dataset.subset(range(args.train_samples))
+        # Avalanche's training set is sorted by class, so take a random subset.
+        order = torch.randperm(len(experience.dataset), generator=torch.Generator().manual_seed(0))
+        experience.dataset = experience.dataset.subset(order[: args.train_samples].tolist())
     test = benchmark.test_stream[0].dataset
     images = torch.stack([test[i][0] for i in range(len(test))]).to(args.device)
     labels = torch.tensor([int(test[i][1]) for i in range(len(test))]).to(args.device)

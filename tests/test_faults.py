@@ -24,8 +24,9 @@ import vsfcl.strategies
 from vsfcl.checkpoint import CHECKPOINT_FILE, CheckpointError
 from vsfcl.flatness import find_flatness
 from vsfcl.pca import trajectory_pca
+from vsfcl.plugin import ProbeDivergenceError
 from vsfcl.regularizer import SubspacePenalty, stiffness_from_variance
-from vsfcl.train import RESULTS_FILE, config_dir, run
+from vsfcl.train import RESULTS_FILE, USER_ERRORS, config_dir, run
 from vsfcl.validation import ConfigError, DivergenceError
 
 QUICK = [
@@ -140,6 +141,15 @@ BAD_CONFIGS = [
     (["batch_size=2.5"], r"batch_size=2.5 is invalid; it must be an integer >= 1"),
     (["resume=maybe"], r"resume='maybe' is invalid; use auto"),
     (["device=tpu"], r"device='tpu' is invalid; use auto, cpu, cuda or cuda:N"),
+    ([*FLATNESS, "strategy.remove_drift=maybe"], r"strategy.remove_drift='maybe' is invalid"),
+    ([*FLATNESS, "strategy.update=bogus"], r"update='bogus' is invalid"),
+    ([*FLATNESS, "strategy.trajectory=adam"], r"trajectory='adam' is invalid"),
+    ([*FLATNESS, "strategy.probe_lr=abc"], r"strategy.probe_lr='abc' is invalid"),
+    ([*FLATNESS, "strategy.max_directions=abc"], r"strategy.max_directions='abc' is invalid"),
+    (
+        [*FLATNESS, "strategy.remove_drift=true", "strategy.n_directions=3"],
+        r"n_directions=3 is out of range with remove_drift",
+    ),
 ]
 
 
@@ -481,3 +491,13 @@ def test_short_experience_is_fine_with_the_sgd_probe(mnist, tmp_path):
     result = run(_compose(overrides), tmp_path)
     assert result["complete"] is True
     assert len(result["flatness"]) >= 1
+
+
+@pytest.mark.slow
+def test_diverging_probe_names_probe_lr(mnist, tmp_path):
+    overrides = [*FLATNESS, "strategy.trajectory=sgd_probe", "strategy.probe_lr=1e6"]
+    with pytest.raises(ProbeDivergenceError, match="lower strategy.probe_lr=1e"):
+        run(_compose(overrides), tmp_path)
+    assert _read_results(tmp_path)["complete"] is False
+    # The command line prints it as an error line, without a traceback.
+    assert ProbeDivergenceError in USER_ERRORS

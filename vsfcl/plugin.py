@@ -31,6 +31,11 @@ from vsfcl.regularizer import SharpSubspace, SubspacePenalty, stiffness_from_var
 
 log = logging.getLogger(__name__)
 
+
+class ProbeDivergenceError(ValueError):
+    """The SGD probe, or the training before it, reached a non-finite loss."""
+
+
 StiffnessSource = Literal["flatness", "variance", "hessian"]
 _STIFFNESS_SOURCES = ("flatness", "variance", "hessian")
 UpdateRule = Literal["gradient", "decoupled"]
@@ -228,7 +233,13 @@ class FlatnessPlugin(SupervisedPlugin):
         if max_directions is not None and max_directions < 1:
             raise ValueError(
                 f"max_directions={max_directions} is invalid; it must be at least 1, or "
-                "None to keep n_directions per experience"
+                "null (None) to keep n_directions per experience"
+            )
+        if remove_drift and n_directions > n_snapshots - 2:
+            raise ValueError(
+                f"n_directions={n_directions} is out of range with remove_drift: removing "
+                "a straight-line trend leaves n_snapshots - 2 = "
+                f"{n_snapshots - 2} directions with variance; lower K or raise n_snapshots"
             )
         if profile_samples < 1:
             raise ValueError(f"profile_samples={profile_samples} must be at least 1")
@@ -273,6 +284,9 @@ class FlatnessPlugin(SupervisedPlugin):
     def before_training_exp(self, strategy: Any, **kwargs: Any) -> None:
         self._snapshots = []
         self._iteration = 0
+        self.penalty.to(strategy.device)
+        if self.trajectory != "training":
+            return
         n_iterations = strategy.train_epochs * len(strategy.dataloader)
         window = max(1, int(round(self.window_fraction * n_iterations)))
         if window < self.n_snapshots:
@@ -284,7 +298,6 @@ class FlatnessPlugin(SupervisedPlugin):
             )
         self._window_start = n_iterations - window
         self._interval = max(1, window // self.n_snapshots)
-        self.penalty.to(strategy.device)
 
     def before_backward(self, strategy: Any, **kwargs: Any) -> None:
         self._displacement = None
@@ -418,13 +431,13 @@ class FlatnessPlugin(SupervisedPlugin):
                     value = float(loss.detach())
                     if not math.isfinite(value):
                         if step == 0:
-                            raise ValueError(
+                            raise ProbeDivergenceError(
                                 f"the training loss at the end of experience {experience} "
                                 f"is {value} on a minibatch, before the SGD probe "
                                 "moved; training diverged, so lower the learning rate or "
                                 "the penalty strength"
                             )
-                        raise ValueError(
+                        raise ProbeDivergenceError(
                             f"the SGD probe after experience {experience} diverged at step "
                             f"{step} (loss {value}); lower strategy.probe_lr="
                             f"{self.probe_lr:g}"
@@ -457,6 +470,13 @@ class FlatnessPlugin(SupervisedPlugin):
             )
         if self.remove_drift and snapshots.shape[0] >= 3:
             snapshots = remove_linear_drift(snapshots)
+        elif self.remove_drift:
+            log.warning(
+                "experience %d: %d snapshots are too few to remove a drift (3 needed); "
+                "using them as they are",
+                experience,
+                snapshots.shape[0],
+            )
         # Only the leading directions are kept, so single precision is enough.
         pca = trajectory_pca(snapshots, n_directions, precision=torch.float32)
         parameters = [p for _, p in self._parameters(strategy.model)]

@@ -153,7 +153,7 @@ def build_method_plugin(
         profile_rtol=_number(options, "profile_rtol"),
         profile_initial_step=_number(options, "profile_initial_step"),
         update=options.get("update", "gradient"),
-        remove_drift=bool(options.get("remove_drift", False)),
+        remove_drift=options.get("remove_drift", False) is True,
         trajectory=options.get("trajectory", "training"),
         probe_lr=float(options.get("probe_lr", 0.01)),
         probe_interval=int(options.get("probe_interval", 5)),

@@ -55,7 +55,7 @@ from vsfcl.data.mnist import DataRootError, MnistUnavailableError, load_mnist
 from vsfcl.io import write_json_atomic
 from vsfcl.metrics import average_accuracy, backward_transfer, forgetting
 from vsfcl.models import build_mlp
-from vsfcl.plugin import FlatnessPlugin, select_parameters
+from vsfcl.plugin import FlatnessPlugin, ProbeDivergenceError, select_parameters
 from vsfcl.progress import ConsolidationClock, PenaltyMetric, ProgressBar
 from vsfcl.scenarios import TensorBenchmark, permuted_mnist, split_mnist
 from vsfcl.strategies import build_strategy
@@ -498,7 +498,14 @@ def format_matrix(matrix: list[list[float]]) -> str:
 
 
 # Errors the user can fix from the message alone; the CLI prints them without a traceback.
-USER_ERRORS = (ConfigError, CheckpointError, DivergenceError, MnistUnavailableError, DataRootError)
+USER_ERRORS = (
+    ConfigError,
+    CheckpointError,
+    DivergenceError,
+    ProbeDivergenceError,
+    MnistUnavailableError,
+    DataRootError,
+)
 
 
 @hydra.main(config_path=config_dir(), config_name="train", version_base="1.3")

@@ -203,6 +203,8 @@ def _validate_strategy_options(strategy: Mapping[str, Any], seed: int) -> None:
     for key in _INTEGER_OPTIONS:
         if key in options and not _is_integer(options[key]):
             raise ConfigError(f"strategy.{key}={options[key]!r} is invalid; it must be an integer")
+    if "remove_drift" in options:
+        _require_bool("strategy.remove_drift", options["remove_drift"])
     if options.get("max_directions") is not None and not _is_integer(options["max_directions"]):
         raise ConfigError(
             f"strategy.max_directions={options['max_directions']!r} is invalid; it must be an "
