@@ -112,8 +112,9 @@ def mean_std(values: list[float]) -> str:
 
 def table(out: Path, benchmark: str) -> str:
     lines = [
-        "| variant | seeds | valid acc (%) | test acc (%) | training (s, median) | consolidation (s, median) |",
-        "|---|---|---|---|---|---|",
+        "| variant | seeds | valid acc (%) | test acc (%) | valid acc, seed 0 (%) "
+        "| training (s, median) | consolidation (s, median) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for variant in VARIANTS:
         runs = stored(out, benchmark, variant)
@@ -123,15 +124,21 @@ def table(out: Path, benchmark: str) -> str:
         consolidation = [sum(r["consolidation_seconds"]) for r in runs]
         lines.append(
             f"| {variant} | {len(runs)} | {mean_std([r['valid_acc'] for r in runs])} | "
-            f"{mean_std([r['acc'] for r in runs])} | {statistics.median(seconds):.0f} | "
+            f"{mean_std([r['acc'] for r in runs])} | "
+            f"{mean_std([r['valid_acc'] for r in runs if r['seed'] == 0])} | "
+            f"{statistics.median(seconds):.0f} | "
             f"{statistics.median(consolidation):.1f} |"
         )
+    if len(lines) == 2:
+        return f"no ablation runs stored under {out / benchmark / 'ablation'}"
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--benchmark", required=True, choices=sorted(BENCHMARKS))
+    parser.add_argument(
+        "--benchmark", required=True, choices=sorted(BENCHMARKS), help="benchmark to ablate on"
+    )
     parser.add_argument(
         "--variants",
         nargs="+",
@@ -140,8 +147,15 @@ def main() -> None:
         metavar="VARIANT",
         help="variants to run, by the names that --table prints (default: all)",
     )
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument(
+        "--seeds", nargs="+", type=int, default=[0], help="seeds to run (not used by --table)"
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("benchmarks/results"),
+        help="directory of the run records",
+    )
     parser.add_argument(
         "--override",
         nargs="*",

@@ -339,6 +339,34 @@ def test_cli_prints_divergence_and_exits_1(tmp_path):
     assert _read_results(tmp_path)["complete"] is False
 
 
+@pytest.mark.slow
+def test_cli_prints_probe_divergence_on_own_line(tmp_path):
+    command = [
+        sys.executable,
+        "-m",
+        "vsfcl.train",
+        *QUICK,
+        *FLATNESS,
+        "strategy.trajectory=sgd_probe",
+        "strategy.probe_lr=1e6",
+        "progress_bar=true",
+        f"hydra.run.dir={tmp_path}",
+    ]
+    completed = subprocess.run(
+        command,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert completed.returncode == 1
+    # The progress bar is closed first, so the message starts a line.
+    error_lines = [line for line in completed.stderr.splitlines() if line.startswith("error:")]
+    assert len(error_lines) == 1, completed.stderr
+    assert "lower strategy.probe_lr" in error_lines[0]
+    assert "Traceback" not in completed.stderr
+
+
 # ---------------------------------------------------------------------------
 # Checkpoint and results files
 # ---------------------------------------------------------------------------

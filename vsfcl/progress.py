@@ -42,6 +42,10 @@ class ProgressBar(SupervisedPlugin):
             self._bar.set_postfix(postfix, refresh=False)
 
     def after_training_exp(self, strategy: Any, **kwargs: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the open bar, if any, so that later output starts on its own line."""
         if self._bar is not None:
             self._bar.close()
             self._bar = None

@@ -238,6 +238,10 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
                     run_dir / CHECKPOINT_FILE, _checkpoint_state(options, session, progress)
                 )
     except Exception as error:
+        # An error inside an experience leaves its progress bar open.
+        for plugin in session.strategy.plugins:
+            if isinstance(plugin, ProgressBar):
+                plugin.close()
         partial = _results(
             cfg, benchmark, progress, session, error=f"{type(error).__name__}: {error}"
         )
