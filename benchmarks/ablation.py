@@ -6,11 +6,12 @@ profiles, K rows kept per past experience, the penalty's gradient added to the
 loss's), at lambda = 1e5. Two families:
 
 - ``training``: snapshots of the strategy's own steps over the last half of each
-  experience, the setting before this ablation. Its variants change one of: K (5,
-  10, 39, or 100 with 101 snapshots); the stiffness source (``variance``,
-  ``hessian``); the snapshot window (last quarter, all); the removal of a linear
-  drift before PCA; the accumulation across experiences (merged into 20 or 60 rows
-  in all); the update rule (a decoupled proximal step instead of the gradient).
+  experience, the setting before this ablation. Each of its variants changes one
+  thing: K (5, 10, 39, or 100 with 101 snapshots), the stiffness source
+  (``variance``, ``hessian``), the snapshot window (last quarter, all), the removal
+  of a linear drift before PCA, the accumulation across experiences (merged into 20
+  or 60 rows in all), or the update rule (a decoupled proximal step instead of the
+  gradient).
 - ``sgd_probe``: snapshots of a plain-SGD probe from the final weights of each
   experience (the default after this ablation), with its own strength, K,
   stiffness, probe length (one step between snapshots instead of five),

@@ -202,24 +202,21 @@ def test_snapshot_window_too_short_rejected(mnist, tmp_path):
     _assert_nothing_written(tmp_path)
 
 
-@pytest.mark.slow
-def test_cli_prints_config_error_and_exits_1(tmp_path):
-    command = [
-        sys.executable,
-        "-m",
-        "vsfcl.train",
-        *QUICK,
-        "strategy=ewc",
-        "strategy.ewc_lambda=-1",
-        f"hydra.run.dir={tmp_path}",
-    ]
-    completed = subprocess.run(
+def _run_cli(overrides: list[str], run_dir: Path) -> subprocess.CompletedProcess:
+    """Run ``python -m vsfcl.train`` with the overrides into ``run_dir``, one thread."""
+    command = [sys.executable, "-m", "vsfcl.train", *overrides, f"hydra.run.dir={run_dir}"]
+    return subprocess.run(
         command,
         capture_output=True,
         text=True,
         timeout=120,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
+
+
+@pytest.mark.slow
+def test_cli_prints_config_error_and_exits_1(tmp_path):
+    completed = _run_cli([*QUICK, "strategy=ewc", "strategy.ewc_lambda=-1"], tmp_path)
     assert completed.returncode == 1
     assert (
         "error: strategy=ewc: strategy.ewc_lambda=-1 is out of range; it must be >= 0"
@@ -316,23 +313,7 @@ def test_infinite_penalty_blames_strength(mnist, tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_cli_prints_divergence_and_exits_1(tmp_path):
-    command = [
-        sys.executable,
-        "-m",
-        "vsfcl.train",
-        *QUICK,
-        "strategy=naive",
-        "optimizer=sgd",
-        "optimizer.lr=1e6",
-        f"hydra.run.dir={tmp_path}",
-    ]
-    completed = subprocess.run(
-        command,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
+    completed = _run_cli([*QUICK, "strategy=naive", "optimizer=sgd", "optimizer.lr=1e6"], tmp_path)
     assert completed.returncode == 1
     assert "error: training diverged in experience 0" in completed.stderr
     assert "Traceback" not in completed.stderr
@@ -341,23 +322,15 @@ def test_cli_prints_divergence_and_exits_1(tmp_path):
 
 @pytest.mark.slow
 def test_cli_prints_probe_divergence_on_own_line(tmp_path):
-    command = [
-        sys.executable,
-        "-m",
-        "vsfcl.train",
-        *QUICK,
-        *FLATNESS,
-        "strategy.trajectory=sgd_probe",
-        "strategy.probe_lr=1e6",
-        "progress_bar=true",
-        f"hydra.run.dir={tmp_path}",
-    ]
-    completed = subprocess.run(
-        command,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    completed = _run_cli(
+        [
+            *QUICK,
+            *FLATNESS,
+            "strategy.trajectory=sgd_probe",
+            "strategy.probe_lr=1e6",
+            "progress_bar=true",
+        ],
+        tmp_path,
     )
     assert completed.returncode == 1
     # The progress bar is closed first, so the message starts a line.

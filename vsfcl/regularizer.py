@@ -184,14 +184,16 @@ class SubspacePenalty:
     @torch.no_grad()
     def displacement(self, parameters: Sequence[Tensor]) -> Tensor:
         """Return ``p_i . w - p_i . w*`` of shape (n_rows,) from the parameter tensors."""
-        directions, targets = self._directions, self._targets
-        if directions is None or targets is None:
+        if self._directions is None:
             raise RuntimeError("the penalty contains no subspace yet; call add() first")
-        blocks = self._column_blocks(parameters)
-        projection = targets.neg()
-        for block, parameter in zip(blocks, parameters, strict=True):
-            projection.addmv_(block, parameter.reshape(-1))
-        return projection
+        return self._displacement_of_rows(parameters, slice(None))
+
+    def _displacement_of_rows(self, parameters: Sequence[Tensor], rows: slice) -> Tensor:
+        assert self._targets is not None
+        displacement = self._targets[rows].neg()
+        for block, parameter in zip(self._column_blocks(parameters), parameters, strict=True):
+            displacement.addmv_(block[rows], parameter.reshape(-1))
+        return displacement
 
     def value(self, displacement: Tensor) -> Tensor:
         """Return the penalty (without ``lambda``) for a :meth:`displacement`."""
@@ -224,16 +226,14 @@ class SubspacePenalty:
         cannot add up to an overshoot. Returns the displacement before the step, shape
         (n_rows,).
         """
-        assert self._stiffness is not None and self._targets is not None
+        assert self._stiffness is not None
         blocks = self._column_blocks(parameters)
         before = []
         start = 0
         for subspace in self.subspaces:
             rows = slice(start, start + subspace.directions.shape[0])
             start = rows.stop
-            displacement = self._targets[rows].neg()
-            for block, parameter in zip(blocks, parameters, strict=True):
-                displacement.addmv_(block[rows], parameter.reshape(-1))
+            displacement = self._displacement_of_rows(parameters, rows)
             rate = step_size * self._stiffness[rows]
             coefficients = -(rate / (1.0 + rate)) * displacement
             for block, parameter in zip(blocks, parameters, strict=True):
